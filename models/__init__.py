@@ -1,0 +1,45 @@
+"""Branchy (early-exit) networks, the batched early-exit engine, and checkpoints.
+
+This package depends on neither ``training`` nor ``service``; both build on it.
+"""
+
+from models import alexnet, lenet, resnet  # noqa: F401  (register the architectures)
+from models.branchy import BranchyNet, ExitResult
+from models.calibration import (
+    ORIGINAL_GRID,
+    CalibrationData,
+    OperatingPoint,
+    choose_thresholds,
+    evaluate_thresholds,
+    pareto_frontier,
+    sweep,
+)
+from models.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    InputSpec,
+    load_checkpoint,
+    save_checkpoint,
+)
+from models.exits import entropy_from_logits
+from models.registry import build_model, list_models
+
+__all__ = [
+    "ORIGINAL_GRID",
+    "BranchyNet",
+    "CalibrationData",
+    "Checkpoint",
+    "CheckpointError",
+    "ExitResult",
+    "InputSpec",
+    "OperatingPoint",
+    "build_model",
+    "choose_thresholds",
+    "entropy_from_logits",
+    "evaluate_thresholds",
+    "list_models",
+    "load_checkpoint",
+    "pareto_frontier",
+    "save_checkpoint",
+    "sweep",
+]

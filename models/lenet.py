@@ -1,0 +1,77 @@
+"""LeNet and B-LeNet for MNIST (1×28×28), after the original BranchyNet code.
+
+Chainer's max-pooling rounds output sizes up, hence ``ceil_mode=True`` throughout.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from models.branchy import BranchyNet
+from models.registry import register_model
+
+
+@dataclass(frozen=True)
+class LeNetConfig:
+    """Architecture of (B-)LeNet.
+
+    Attributes:
+        num_classes: classes of every exit.
+        in_channels: input channels (1 for MNIST).
+        branches: True for B-LeNet (side branch after the first conv), False for LeNet.
+    """
+
+    num_classes: int = 10
+    in_channels: int = 1
+    branches: bool = True
+
+
+def _pool() -> nn.MaxPool2d:
+    return nn.MaxPool2d(2, ceil_mode=True)
+
+
+def _b1(num_classes: int) -> nn.Sequential:
+    # (B, 5, 30, 30) -> (B, num_classes)
+    return nn.Sequential(
+        _pool(), nn.ReLU(), nn.Conv2d(5, 10, 3, padding=1),  # 10×15×15
+        _pool(), nn.ReLU(), nn.Flatten(), nn.Linear(640, num_classes),  # 10×8×8
+    )  # fmt: skip
+
+
+def _build(cfg: LeNetConfig, name: str) -> BranchyNet:
+    conv1 = nn.Conv2d(cfg.in_channels, 5, 5, padding=3)  # (B, 5, 30, 30)
+    rest = nn.Sequential(
+        _pool(), nn.ReLU(), nn.Conv2d(5, 10, 5, padding=3),  # 10×17×17
+        _pool(), nn.ReLU(), nn.Conv2d(10, 20, 5, padding=3),  # 20×11×11
+        _pool(), nn.ReLU(), nn.Flatten(),  # 20×6×6 = 720
+    )  # fmt: skip
+    classifier = nn.Sequential(nn.Linear(720, 84), nn.Linear(84, cfg.num_classes))
+    if cfg.branches:
+        stages: list[nn.Module] = [conv1, rest]
+        heads: list[nn.Module] = [_b1(cfg.num_classes), classifier]
+    else:
+        stages, heads = [nn.Sequential(conv1, rest)], [classifier]
+    return BranchyNet(
+        stages,
+        heads,
+        name=name,
+        config=cfg,
+        input_shape=(cfg.in_channels, 28, 28),
+        num_classes=cfg.num_classes,
+    )
+
+
+@register_model("b-lenet", LeNetConfig)
+def b_lenet(**config: object) -> BranchyNet:
+    """B-LeNet: LeNet with one side branch after the first convolution (2 exits)."""
+    cfg = LeNetConfig(**{"branches": True, **config})  # type: ignore[arg-type]
+    return _build(cfg, "b-lenet" if cfg.branches else "lenet")
+
+
+@register_model("lenet", LeNetConfig)
+def lenet(**config: object) -> BranchyNet:
+    """LeNet: the B-LeNet trunk and final classifier without the side branch."""
+    cfg = LeNetConfig(**{"branches": False, **config})  # type: ignore[arg-type]
+    return _build(cfg, "b-lenet" if cfg.branches else "lenet")
