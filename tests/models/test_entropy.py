@@ -1,0 +1,51 @@
+import math
+
+import pytest
+import torch
+
+from models import entropy_from_logits
+
+
+def test_matches_definition_on_ordinary_logits() -> None:
+    z = torch.randn(100, 10) * 3
+    p = torch.softmax(z.double(), dim=1)
+    expected = -(p * p.log()).sum(1)
+    torch.testing.assert_close(entropy_from_logits(z).double(), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_uniform_is_ln_c_and_one_hot_is_zero() -> None:
+    assert entropy_from_logits(torch.zeros(1, 10)).item() == pytest.approx(math.log(10), abs=1e-6)
+    assert entropy_from_logits(torch.tensor([[1e4, 0.0, 0.0]])).item() == 0.0
+
+
+@pytest.mark.parametrize(
+    "row",
+    [
+        [1e30, -1e30, 0.0],
+        [-1e30, -1e30, -1e30],
+        [math.inf, 0.0, 0.0],
+        [math.inf, math.inf, 0.0],
+        [-math.inf, 0.0, 1.0],
+        [math.nan, 0.0, 1.0],
+        [3.0e38, -3.0e38, 1.0],
+    ],
+)
+def test_extreme_logits_never_nan(row: list[float]) -> None:
+    e = entropy_from_logits(torch.tensor([row]))
+    assert torch.isfinite(e).all()
+    assert 0.0 <= e.item() <= math.log(3) + 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision(dtype: torch.dtype) -> None:
+    z = torch.tensor([[60000.0, -60000.0, 0.0], [1.0, 2.0, 3.0], [0.0, 0.0, 0.0]], dtype=dtype)
+    e = entropy_from_logits(z)
+    assert e.dtype == torch.float32
+    assert torch.isfinite(e).all()
+    ref = entropy_from_logits(z.float())
+    torch.testing.assert_close(e, ref)
+
+
+def test_ties_between_two_classes() -> None:
+    e = entropy_from_logits(torch.tensor([[5.0, 5.0, -1e9]]))
+    assert e.item() == pytest.approx(math.log(2), abs=1e-6)
