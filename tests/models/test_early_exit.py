@@ -13,7 +13,8 @@ import torch
 import models
 from tests.models.conftest import sharpen_heads
 
-BRANCHY = [n for n in models.list_models() if n.startswith("b-") and "110" not in n]
+# one network per family: the engine is shared, the deeper ResNets only add blocks
+BRANCHY = ["b-lenet", "b-alexnet", "b-resnet20"]
 
 
 @torch.no_grad()
