@@ -1,0 +1,386 @@
+"""Helpers shared by the reliability tests and ``benchmarks/soak.py`` / ``benchmarks/fuzz.py``.
+
+* :func:`make_repository`: a model repository with a freshly initialised, seeded
+  checkpoint whose exit heads are sharpened, so that entropies spread over ``[0, ln C]``
+  as a trained network's do (a fresh network's are all near ``ln C``);
+* :class:`ServerProcess`: the real server (``python -m service``) in a child process on a
+  free loopback port, with its log captured to a file;
+* :class:`OfflineReference`: the checkpoint evaluated in-process, to check served answers;
+* :func:`scrape` / :func:`metric_total`: ``/metrics`` parsed with prometheus_client's parser;
+* :func:`assert_error`: the contract's JSON error shape.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import torch
+from prometheus_client.parser import text_string_to_metric_families
+from torch import nn
+
+import models
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+ADMIN_TOKEN = "reliability-admin-token-8f2c"  # >= 8 characters, as the settings require
+MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)
+CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+
+
+# --------------------------------------------------------------------------- models
+
+
+def sharpen_heads(net: models.BranchyNet, factor: float = 40.0) -> models.BranchyNet:
+    """Scale every head's last linear layer so a fresh network's entropies spread out."""
+    with torch.no_grad():
+        for head in net.heads:
+            last = [m for m in head.modules() if isinstance(m, nn.Linear)][-1]
+            last.weight.mul_(factor)
+            last.bias.mul_(factor)
+    return net
+
+
+def make_checkpoint(
+    path: Path,
+    *,
+    architecture: str = "b-lenet",
+    seed: int = 0,
+    thresholds: Sequence[float] | None = None,
+) -> Path:
+    """Write a seeded, freshly initialised checkpoint (no training: the reliability
+    checks compare served answers with offline ones, not with labels).
+
+    Args:
+        path: checkpoint folder to create.
+        architecture: registry name (``b-lenet`` is the cheapest on a CPU).
+        seed: torch seed of the initialisation.
+        thresholds: default thresholds (default: 0.5 per early exit).
+    """
+    torch.manual_seed(seed)
+    net = sharpen_heads(models.build_model(architecture))
+    c, h, w = net.input_shape
+    mean, std = (MNIST_MEAN, MNIST_STD) if c == 1 else (CIFAR_MEAN, CIFAR_STD)
+    spec = models.InputSpec(channels=c, height=h, width=w, mean=mean, std=std)
+    if thresholds is None:
+        thresholds = [0.5] * (net.num_exits - 1)
+    return models.save_checkpoint(
+        path,
+        net,
+        class_names=[f"class{i}" for i in range(net.num_classes)],
+        input_spec=spec,
+        thresholds=thresholds,
+        provenance={"made_by": "tests/service/reliability_support.py", "seed": seed},
+    )
+
+
+def make_repository(root: Path, *, name: str = "b-lenet", architecture: str = "b-lenet") -> Path:
+    """A model repository folder holding one fresh checkpoint named ``name``."""
+    root.mkdir(parents=True, exist_ok=True)
+    make_checkpoint(root / name, architecture=architecture)
+    return root
+
+
+class OfflineReference:
+    """A checkpoint evaluated in this process, as the answer key for served results.
+
+    Served and offline answers may differ in the last float bit (batch composition
+    changes the order of reductions), so :meth:`stable` tells which images are far enough
+    from every decision boundary (entropy vs threshold, top-1 vs top-2 logit) for an
+    exact comparison to be meaningful.
+    """
+
+    def __init__(self, checkpoint_dir: Path) -> None:
+        self.checkpoint = models.load_checkpoint(checkpoint_dir)
+        self.model = self.checkpoint.model.eval()
+        self.spec = self.checkpoint.input_spec
+        self.num_exits = self.model.num_exits
+
+    def normalise(self, pixels: np.ndarray) -> torch.Tensor:
+        """``(N, H, W, C)`` uint8 -> ``(N, C, H, W)`` float32, ``(x / 255 - mean) / std``."""
+        x = torch.from_numpy(np.ascontiguousarray(pixels)).permute(0, 3, 1, 2).float().div(255)
+        mean = torch.tensor(self.spec.mean, dtype=torch.float32).view(1, -1, 1, 1)
+        std = torch.tensor(self.spec.std, dtype=torch.float32).view(1, -1, 1, 1)
+        return x.sub(mean).div(std)
+
+    def early_exit(
+        self, pixels: np.ndarray, thresholds: Sequence[float]
+    ) -> tuple[list[int], list[int]]:
+        """Class and exit of every image under ``thresholds`` (one setting for all).
+
+        Returns:
+            (classes, exits), one entry per image.
+        """
+        with torch.inference_mode():
+            r = self.model.early_exit(self.normalise(pixels), list(thresholds))
+        return r.prediction.tolist(), r.exit_index.tolist()
+
+    def every_exit(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Entropy ``(N, E)`` and top-1/top-2 logit gap ``(N, E)`` at every exit."""
+        with torch.inference_mode():
+            outs = self.model(self.normalise(pixels))
+        ent = torch.stack([models.entropy_from_logits(z) for z in outs], dim=1)
+        gaps = []
+        for z in outs:
+            top = z.float().topk(2, dim=1).values
+            gaps.append(top[:, 0] - top[:, 1])
+        return ent.numpy(), torch.stack(gaps, dim=1).numpy()
+
+    def stable(
+        self,
+        pixels: np.ndarray,
+        settings: Sequence[Sequence[float]],
+        *,
+        margin: float = 1e-3,
+    ) -> np.ndarray:
+        """Which images are at least ``margin`` from every decision under every setting.
+
+        Returns:
+            ``(N,)`` bool.
+        """
+        ent, gap = self.every_exit(pixels)
+        ok = (gap > margin).all(axis=1)
+        for t in settings:
+            for i, ti in enumerate(t):
+                if math.isfinite(ti):
+                    ok &= np.abs(ent[:, i] - ti) > margin
+        return ok
+
+
+def spaced_thresholds(entropies: np.ndarray, quantiles: Sequence[float]) -> list[float]:
+    """Thresholds placed in the middle of the gap between neighbouring entropies nearest
+    each quantile, so that no image sits on a decision boundary.
+
+    Args:
+        entropies: ``(N,)`` entropies of the image pool at one exit.
+        quantiles: where in the sorted pool to cut, each in ``(0, 1)``.
+    """
+    e = np.sort(entropies.astype(np.float64))
+    out = []
+    for q in quantiles:
+        k = min(max(int(q * len(e)), 1), len(e) - 1)
+        out.append(float((e[k - 1] + e[k]) / 2))
+    return out
+
+
+# --------------------------------------------------------------------------- server
+
+
+def free_port() -> int:
+    """A TCP port free on the loopback interface right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class ServerProcess:
+    """The real server in a child process, bound to 127.0.0.1 only.
+
+    Args:
+        repository: model repository folder.
+        workdir: where the log and (by default) the state folder go.
+        env: extra ``BRANCHY_*`` settings (strings).
+        command: the module to run (default ``service``; the service's fault-injection
+            wrapper can be given instead).
+    """
+
+    repository: Path
+    workdir: Path
+    env: Mapping[str, str] | None = None
+    command: Sequence[str] = ("-m", "service")
+
+    def __post_init__(self) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = self.workdir / f"server-{self.port}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def environment(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("BRANCHY_")}
+        env.update(
+            {
+                "BRANCHY_MODEL_REPOSITORY": str(self.repository),
+                "BRANCHY_HOST": "127.0.0.1",
+                "BRANCHY_PORT": str(self.port),
+                "BRANCHY_DEVICE": "cpu",
+                "BRANCHY_STATE_DIR": str(self.workdir / "state"),
+                "BRANCHY_LOG_LEVEL": "INFO",
+                # Two cores shared by server, client and other tests: one intra-op thread
+                # keeps the server from oversubscribing them.
+                "OMP_NUM_THREADS": "1",
+                "PYTHONUNBUFFERED": "1",
+            }
+        )
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p
+        )
+        env.update(self.env or {})
+        return env
+
+    def start(self, *, timeout_s: float = 60.0) -> ServerProcess:
+        """Start the process and wait until ``/readyz`` answers 200."""
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, *self.command],
+            cwd=self.workdir,
+            env=self.environment(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        log.close()
+        deadline = time.monotonic() + timeout_s
+        with httpx.Client(timeout=2.0) as client:
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(
+                        f"server exited with {self.proc.returncode} during start-up:\n"
+                        f"{self.log_tail()}"
+                    )
+                with contextlib.suppress(httpx.TransportError):
+                    if client.get(f"{self.url}/readyz").status_code == 200:
+                        return self
+                time.sleep(0.1)
+        self.kill()
+        raise RuntimeError(f"server not ready within {timeout_s} s:\n{self.log_tail()}")
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None, "not started"
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def terminate(self, *, timeout_s: float = 30.0) -> int:
+        """SIGTERM, then wait for the exit status (SIGKILL after ``timeout_s``)."""
+        assert self.proc is not None, "not started"
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def log_tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log_text().splitlines()[-lines:])
+
+    def __enter__(self) -> ServerProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        if self.alive():
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.terminate(timeout_s=20)
+        self.kill()
+
+
+@contextlib.contextmanager
+def running_server(
+    repository: Path, workdir: Path, env: Mapping[str, str] | None = None, **kwargs: Any
+) -> Iterator[ServerProcess]:
+    """``with running_server(repo, tmp) as srv:`` -- a ready server, stopped afterwards."""
+    server = ServerProcess(repository, workdir, env, **kwargs)
+    with server:
+        yield server
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident set size of a process (psutil)."""
+    import psutil
+
+    return int(psutil.Process(pid).memory_info().rss)
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def parse_metrics(text: str) -> Samples:
+    """Prometheus text -> {(sample name, labels): value}, with prometheus_client's parser."""
+    out: Samples = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, frozenset(s.labels.items()))] = float(s.value)
+    return out
+
+
+def scrape(client: httpx.Client, base_url: str = "") -> Samples:
+    resp = client.get(f"{base_url}/metrics")
+    resp.raise_for_status()
+    return parse_metrics(resp.text)
+
+
+def metric_total(samples: Samples, name: str, **labels: str) -> float:
+    """Sum of every sample called ``name`` whose labels include ``labels``."""
+    want = set(labels.items())
+    return sum(v for (n, lab), v in samples.items() if n == name and want <= lab)
+
+
+def metric_by(samples: Samples, name: str, key: str, **labels: str) -> dict[str, float]:
+    """``name`` summed per value of label ``key`` (e.g. exit counts per exit)."""
+    want = set(labels.items())
+    out: dict[str, float] = {}
+    for (n, lab), v in samples.items():
+        if n == name and want <= lab:
+            k = dict(lab).get(key, "")
+            out[k] = out.get(k, 0.0) + v
+    return out
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def error_of(resp: httpx.Response) -> dict[str, Any]:
+    """The ``error`` object of a contract error body (fails clearly if the shape is wrong)."""
+    ctype = resp.headers.get("content-type", "")
+    assert ctype.startswith("application/json"), (
+        f"{resp.status_code} answer is {ctype!r}, not JSON: {resp.text[:200]!r}"
+    )
+    body = resp.json()
+    assert isinstance(body, dict) and set(body) == {"error"}, f"not the error shape: {body}"
+    err = body["error"]
+    assert isinstance(err, dict), err
+    assert err.get("status") == resp.status_code, err
+    assert isinstance(err.get("code"), str) and err["code"], err
+    assert isinstance(err.get("message"), str) and err["message"], err
+    if resp.status_code >= 500:
+        assert isinstance(err.get("id"), str) and err["id"], f"5xx without an error id: {err}"
+    return err
+
+
+def assert_error(resp: httpx.Response, status: int, codes: str | Sequence[str]) -> dict[str, Any]:
+    """Assert ``resp`` is the contract's error ``status`` with one of ``codes``."""
+    allowed = {codes} if isinstance(codes, str) else set(codes)
+    assert resp.status_code == status, (
+        f"expected {status} {sorted(allowed)}, got {resp.status_code}: {resp.text[:300]}"
+    )
+    err = error_of(resp)
+    assert err["code"] in allowed, f"expected code in {sorted(allowed)}, got {err}"
+    return err
