@@ -1,0 +1,54 @@
+"""``python -m service`` / ``branchy-serve``: read settings, start uvicorn."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import uvicorn
+from pydantic import ValidationError
+
+from service.app import create_app
+from service.settings import Settings
+
+logger = logging.getLogger("service")
+
+
+def load_settings() -> Settings:
+    """Settings from the environment; invalid ones end the process with a clear message."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        lines = [
+            f"  BRANCHY_{'_'.join(str(p) for p in e['loc']).upper() or '(settings)'}: {e['msg']}"
+            for e in exc.errors()
+        ]
+        logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
+        logger.error("invalid settings, not starting:\n%s", "\n".join(lines))
+        sys.exit(2)
+
+
+def main() -> None:
+    """Start the server with settings from ``BRANCHY_*`` environment variables."""
+    settings = load_settings()
+    logging.basicConfig(
+        level=settings.log_level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    app = create_app(settings)
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level.lower(),
+        # SIGTERM: stop accepting, let accepted requests finish (up to this long), then
+        # run the lifespan shutdown, which drains the batchers.
+        timeout_graceful_shutdown=int(settings.graceful_shutdown_s),
+        # Uvicorn's own connection limit answers with plain text; ours (JSON) is in the app.
+        limit_concurrency=None,
+        server_header=False,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,383 @@
+"""Dynamic batching: one batcher per model, a bounded queue of images, batches cut at
+the max batch size or when the oldest image has waited the max delay, and the model run
+in a worker thread so that the event loop never blocks on compute.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from models import BranchyNet, Checkpoint, ExitResult
+from service.errors import DeadlineExceeded, InternalError, QueueFull, ShuttingDown, new_error_id
+from service.metrics import Metrics
+
+logger = logging.getLogger(__name__)
+
+
+def run_model(model: BranchyNet, x: Tensor, thresholds: Tensor) -> ExitResult:
+    """Run one (sub-)batch through the early-exit engine.
+
+    A module-level function on purpose: it is the single seam through which the test
+    hook (``tests/service/hooked_server.py``) injects faults into a real server process.
+    """
+    return model.early_exit(x, thresholds)
+
+
+def split_on_oom(
+    run: Callable[[Tensor, Tensor], ExitResult], x: Tensor, thresholds: Tensor
+) -> ExitResult:
+    """Run ``run(x, thresholds)``; on a CUDA out-of-memory error run the two halves of
+    the batch instead, recursively, down to single images.
+
+    Args:
+        run: the batch function.
+        x: ``(B, ...)`` input.
+        thresholds: ``(B, E-1)`` per-sample thresholds, split along with ``x``.
+
+    Returns:
+        The results of the whole batch in input order.
+
+    Raises:
+        torch.cuda.OutOfMemoryError: a single image does not fit.
+    """
+    try:
+        return run(x, thresholds)
+    except torch.cuda.OutOfMemoryError:
+        n = x.shape[0]
+        if n <= 1:
+            raise
+        if x.is_cuda:
+            torch.cuda.empty_cache()
+        half = n // 2
+        logger.warning("out of memory on a batch of %d; splitting it into %d + %d",
+                       n, half, n - half)  # fmt: skip
+        a = split_on_oom(run, x[:half], thresholds[:half])
+        b = split_on_oom(run, x[half:], thresholds[half:])
+        return ExitResult(
+            torch.cat([a.logits, b.logits]),
+            torch.cat([a.exit_index, b.exit_index]),
+            torch.cat([a.entropy, b.entropy]),
+        )
+
+
+@dataclass(frozen=True)
+class BatchOutput:
+    """A batch's answers on the CPU: probabilities ``(B, C)``, exit ``(B,)``, entropy ``(B,)``."""
+
+    probabilities: Tensor
+    exit_index: Tensor
+    entropy: Tensor
+
+
+class Engine:
+    """A checkpoint's network on its device, ready to run CPU batches.
+
+    Args:
+        checkpoint: the loaded checkpoint (its model is moved to ``device``).
+        device: where to compute.
+        half_precision: run in float16 (only honoured on CUDA).
+        compile: wrap stages and heads in ``torch.compile`` (only honoured on CUDA).
+    """
+
+    def __init__(
+        self,
+        checkpoint: Checkpoint,
+        device: torch.device,
+        *,
+        half_precision: bool = False,
+        compile: bool = False,
+    ) -> None:
+        self.checkpoint = checkpoint
+        self.device = device
+        self.model = checkpoint.model.to(device).eval()
+        self.half = half_precision and device.type == "cuda"
+        if self.half:
+            self.model.half()
+        if compile and device.type == "cuda":
+            for i, stage in enumerate(self.model.stages):
+                self.model.stages[i] = torch.compile(stage, dynamic=True)  # type: ignore[assignment]
+            for i, head in enumerate(self.model.heads):
+                self.model.heads[i] = torch.compile(head, dynamic=True)  # type: ignore[assignment]
+
+    @property
+    def num_exits(self) -> int:
+        return self.model.num_exits
+
+    def run(self, x: Tensor, thresholds: Tensor) -> BatchOutput:
+        """Classify a CPU batch.
+
+        Args:
+            x: ``(B, C, H, W)`` float32 normalised input on the CPU.
+            thresholds: ``(B, E-1)`` float32 per-sample thresholds.
+        """
+        with torch.inference_mode():
+            if self.device.type == "cuda":
+                # Pinned pages let the copy run asynchronously with the host.
+                x = x.pin_memory().to(self.device, non_blocking=True)
+                thresholds = thresholds.to(self.device, non_blocking=True)
+            if self.half:
+                x = x.half()
+            model = self.model
+            result = split_on_oom(lambda xb, tb: run_model(model, xb, tb), x, thresholds)
+            probs = torch.softmax(result.logits.float(), dim=1)
+            return BatchOutput(probs.cpu(), result.exit_index.cpu(), result.entropy.float().cpu())
+
+    def warm_up(self, batch_sizes: Sequence[int]) -> None:
+        """Run zero batches through every stage (thresholds 0: nobody leaves early)."""
+        c, h, w = self.checkpoint.input_spec.shape
+        for b in batch_sizes:
+            x = torch.zeros((b, c, h, w), dtype=torch.float32)
+            self.run(x, torch.zeros((b, self.num_exits - 1)))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+class ModelSource(Protocol):
+    """What a batcher reads once per batch: the engine and the thresholds in force."""
+
+    def snapshot(self) -> tuple[Engine, tuple[float, ...]]:
+        """The engine and thresholds in force, read together (one atomic reference)."""
+        ...
+
+
+@dataclass(frozen=True)
+class Classified:
+    """One image's answer."""
+
+    class_index: int
+    confidence: float
+    entropy: float
+    exit_index: int
+    probabilities: Tensor
+    queue_wait_s: float
+    inference_s: float
+    batch_size: int
+    thresholds: tuple[float, ...]
+
+
+@dataclass(eq=False)
+class _Item:
+    x: Tensor
+    thresholds: tuple[float, ...] | None
+    future: asyncio.Future[Classified]
+    enqueued: float
+    deadline: float
+    wait_s: float = field(default=0.0)
+
+
+class Batcher:
+    """Per-model dynamic batcher.
+
+    Args:
+        name: model name (metric label).
+        source: gives the engine and the thresholds, read once per batch.
+        metrics: where to record queue, batch and exit metrics.
+        max_batch_size: images per batch at most.
+        max_delay_s: longest time the oldest queued image waits for the batch to fill.
+        max_queue: images waiting at most; a request that does not fit is refused whole.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        source: ModelSource,
+        metrics: Metrics,
+        *,
+        max_batch_size: int,
+        max_delay_s: float,
+        max_queue: int,
+    ) -> None:
+        self.name = name
+        self.source = source
+        self.metrics = metrics
+        self.max_batch_size = max_batch_size
+        self.max_delay_s = max_delay_s
+        self.max_queue = max_queue
+        self._items: collections.deque[_Item] = collections.deque()
+        self._wakeup = asyncio.Event()
+        self._closing = False
+        self._task: asyncio.Task[None] | None = None
+        # One thread per model: batches of one model run one at a time, in order.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"batch-{name}")
+
+    @property
+    def depth(self) -> int:
+        return len(self._items)
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(
+                self._loop(), name=f"batcher-{self.name}"
+            )
+
+    async def stop(self) -> None:
+        """Refuse new work, finish every queued image, then stop the worker thread."""
+        self._closing = True
+        self._wakeup.set()
+        if self._task is not None:
+            try:
+                await self._task
+            finally:
+                self._task = None
+        self._executor.shutdown(wait=True)
+
+    def submit(
+        self,
+        xs: Sequence[Tensor],
+        *,
+        deadline: float,
+        thresholds: Sequence[float] | None = None,
+    ) -> list[asyncio.Future[Classified]]:
+        """Queue a request's images; all of them or none.
+
+        Args:
+            xs: ``(C, H, W)`` float32 inputs.
+            deadline: ``time.monotonic()`` after which queued images are dropped.
+            thresholds: this request's own thresholds (else the model's at batch time).
+
+        Raises:
+            QueueFull: the images do not fit in the queue.
+            ShuttingDown: the server is stopping.
+        """
+        if self._closing or self._task is None:
+            raise ShuttingDown(f"model {self.name!r} is not accepting requests (shutting down)")
+        if len(self._items) + len(xs) > self.max_queue:
+            raise QueueFull(
+                f"the queue of model {self.name!r} is full ({len(self._items)} of "
+                f"{self.max_queue} images waiting); retry later"
+            )
+        loop = asyncio.get_running_loop()
+        now = time.monotonic()
+        t = None if thresholds is None else tuple(float(v) for v in thresholds)
+        futures = []
+        for x in xs:
+            fut: asyncio.Future[Classified] = loop.create_future()
+            self._items.append(_Item(x, t, fut, now, deadline))
+            futures.append(fut)
+        self.metrics.queue_depth.labels(self.name).set(len(self._items))
+        self._wakeup.set()
+        return futures
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = await self._next_batch()
+            if batch is None:
+                return
+            try:
+                outputs = await loop.run_in_executor(self._executor, self._compute, batch)
+            except Exception as exc:  # one bad batch must not stop the batcher
+                error_id = new_error_id()
+                logger.error(
+                    "batch of %d image(s) of model %r failed [id %s]: %r",
+                    len(batch), self.name, error_id, exc, exc_info=exc,
+                )  # fmt: skip
+                err = InternalError(
+                    f"inference failed for a batch of model {self.name!r} (error id {error_id})",
+                    error_id=error_id,
+                )
+                for item in batch:
+                    if not item.future.done():
+                        item.future.set_exception(err)
+                continue
+            for item, out in zip(batch, outputs, strict=True):
+                if not item.future.done():
+                    item.future.set_result(out)
+
+    async def _next_batch(self) -> list[_Item] | None:
+        while True:
+            while not self._items:
+                if self._closing:
+                    return None
+                self._wakeup.clear()
+                await self._wakeup.wait()
+            # Wait until the batch is full or the oldest image has waited long enough.
+            while len(self._items) < self.max_batch_size and not self._closing:
+                remaining = self._items[0].enqueued + self.max_delay_s - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._wakeup.clear()
+                try:
+                    await asyncio.wait_for(self._wakeup.wait(), remaining)
+                except TimeoutError:
+                    break
+            batch = self._take()
+            if batch:
+                return batch
+
+    def _take(self) -> list[_Item]:
+        """Pop up to a batch of live items; drop expired and abandoned ones before compute."""
+        now = time.monotonic()
+        batch: list[_Item] = []
+        expired = 0
+        while self._items and len(batch) < self.max_batch_size:
+            item = self._items.popleft()
+            if item.future.done():  # the request gave up (timeout or disconnect)
+                continue
+            if now > item.deadline:
+                item.future.set_exception(
+                    DeadlineExceeded(
+                        f"the request's deadline passed while it waited in the queue of "
+                        f"model {self.name!r}; it was not run"
+                    )
+                )
+                expired += 1
+                continue
+            item.wait_s = now - item.enqueued
+            batch.append(item)
+        if expired:
+            logger.warning("dropped %d expired image(s) of model %r before compute",
+                           expired, self.name)  # fmt: skip
+        self.metrics.queue_depth.labels(self.name).set(len(self._items))
+        return batch
+
+    def _compute(self, batch: list[_Item]) -> list[Classified]:
+        # Runs in the worker thread. Engine and thresholds are read once: the whole batch
+        # sees one model and one threshold setting even while an admin changes them.
+        engine, shared = self.source.snapshot()
+        n, e = len(batch), engine.num_exits - 1
+        per_sample = [item.thresholds if item.thresholds is not None else shared for item in batch]
+        t = torch.tensor(per_sample, dtype=torch.float32).reshape(n, e)
+        x = torch.stack([item.x for item in batch])
+        start = time.perf_counter()
+        out = engine.run(x, t)
+        elapsed = time.perf_counter() - start
+
+        m, name = self.metrics, self.name
+        m.inference_duration.labels(name).observe(elapsed)
+        m.batch_size.labels(name).observe(n)
+        exits = out.exit_index.tolist()
+        entropies = out.entropy.tolist()
+        conf, cls = out.probabilities.max(dim=1)
+        results = []
+        for k, item in enumerate(batch):
+            m.queue_wait.labels(name).observe(item.wait_s)
+            ex = str(exits[k])
+            m.exits.labels(name, ex).inc()
+            ent = entropies[k]
+            m.exit_entropy.labels(name, ex).observe(ent if math.isfinite(ent) else 0.0)
+            results.append(
+                Classified(
+                    class_index=int(cls[k]),
+                    confidence=float(conf[k]),
+                    entropy=ent,
+                    exit_index=exits[k],
+                    probabilities=out.probabilities[k],
+                    queue_wait_s=item.wait_s,
+                    inference_s=elapsed,
+                    batch_size=n,
+                    thresholds=per_sample[k],
+                )
+            )
+        return results

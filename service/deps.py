@@ -1,0 +1,64 @@
+"""Typed dependencies: the long-lived objects on ``app.state``, reached per request."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from typing import Annotated
+
+from fastapi import Depends, Path, Request
+
+from service.errors import AdminDisabled, ModelNotFound, NotReady, Unauthorized
+from service.metrics import Metrics
+from service.repository import ServedModel
+from service.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+# Model names are folder names: a conservative pattern, checked before any lookup.
+MODEL_NAME = Path(description="Model name (its checkpoint folder's name).", max_length=128)
+
+
+def get_settings(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+def get_metrics(request: Request) -> Metrics:
+    metrics: Metrics = request.app.state.metrics
+    return metrics
+
+
+def get_model(request: Request, name: Annotated[str, MODEL_NAME]) -> ServedModel:
+    """The loaded model called ``name``: looked up in the loaded set, never on disk."""
+    served: dict[str, ServedModel] = request.app.state.models
+    model = served.get(name)
+    if model is not None:
+        return model
+    if name in request.app.state.expected_models:
+        raise NotReady(f"model {name!r} is still loading")
+    known = ", ".join(sorted(served)) or "none loaded yet"
+    raise ModelNotFound(f"no model named {name[:128]!r}; models: {known}")
+
+
+def require_admin(request: Request) -> None:
+    """Admin routes: a bearer token compared in constant time; off without a token."""
+    settings: Settings = request.app.state.settings
+    if settings.admin_token is None:
+        raise AdminDisabled("admin routes are off: the server has no BRANCHY_ADMIN_TOKEN")
+    header = request.headers.get("authorization", "")
+    scheme, _, given = header.partition(" ")
+    expected = settings.admin_token.get_secret_value().encode()
+    # compare_digest on bytes: constant time whatever the length or characters sent.
+    ok = scheme.lower() == "bearer" and secrets.compare_digest(given.strip().encode(), expected)
+    if not ok:
+        # Never log the header: a near-miss token is still a secret.
+        logger.warning("admin request %s %s refused: %s", request.method, request.url.path,
+                       "missing token" if not header else "wrong token")  # fmt: skip
+        raise Unauthorized("admin routes need 'Authorization: Bearer <token>' with the right token")
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+MetricsDep = Annotated[Metrics, Depends(get_metrics)]
+ModelDep = Annotated[ServedModel, Depends(get_model)]
+AdminDep = Depends(require_admin)

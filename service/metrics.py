@@ -1,0 +1,115 @@
+"""Prometheus metrics on a dedicated registry (one per app, so tests can build many apps).
+
+Names and labels are fixed by docs/service-contract.md.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+# Latency buckets from 50 µs (a tiny model's batch on a GPU) to 10 s (the default deadline).
+LATENCY_BUCKETS = (
+    5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2,
+    0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
+# Entropy in nats: thresholds of interest run from 1e-4 up to ln(C) (2.30 for 10 classes).
+ENTROPY_BUCKETS = (
+    1e-4, 5e-4, 1e-3, 5e-3, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 2.5, 3.0, 5.0,
+)  # fmt: skip
+UNKNOWN_MODEL = "_unknown"
+
+
+class Metrics:
+    """Every metric the server exports.
+
+    Args:
+        registry: where to register; a fresh ``CollectorRegistry`` by default.
+    """
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "branchy_requests_total", "Requests answered, by status code.",
+            ["model", "endpoint", "code"], registry=r,
+        )  # fmt: skip
+        self.request_duration = Histogram(
+            "branchy_request_duration_seconds", "Time from request start to response start.",
+            ["model", "endpoint"], buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.queue_wait = Histogram(
+            "branchy_queue_wait_seconds", "Time an image waited in the queue for its batch.",
+            ["model"], buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.inference_duration = Histogram(
+            "branchy_inference_duration_seconds", "Compute time of one batch.",
+            ["model"], buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.batch_size = Histogram(
+            "branchy_batch_size", "Images per batch run.",
+            ["model"], buckets=BATCH_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.exit_entropy = Histogram(
+            "branchy_exit_entropy", "Entropy (nats) of the answer at the exit taken.",
+            ["model", "exit"], buckets=ENTROPY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.exits = Counter(
+            "branchy_exit", "Images classified, by the exit they took.",
+            ["model", "exit"], registry=r,
+        )  # fmt: skip
+        self.rejected = Counter(
+            "branchy_rejected", "Requests refused, by reason.",
+            ["model", "reason"], registry=r,
+        )  # fmt: skip
+        self.queue_depth = Gauge(
+            "branchy_queue_depth", "Images waiting for a batch.", ["model"], registry=r
+        )
+        self.threshold = Gauge(
+            "branchy_threshold", "Entropy threshold in force at each early exit.",
+            ["model", "exit"], registry=r,
+        )  # fmt: skip
+        self.model_info = Gauge(
+            "branchy_model_info", "Loaded model (value 1).",
+            ["model", "device", "architecture", "exits"], registry=r,
+        )  # fmt: skip
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition of every metric."""
+        return generate_latest(self.registry)
+
+    def reject(self, model: str, reason: str) -> None:
+        self.rejected.labels(model, reason).inc()
+
+    def set_thresholds(self, model: str, thresholds: Sequence[float]) -> None:
+        for i, t in enumerate(thresholds):
+            self.threshold.labels(model, str(i)).set(t)
+
+    def set_model_info(self, model: str, *, device: str, architecture: str, exits: int) -> None:
+        # A reload may change the architecture: drop the old series of this model first.
+        for labels in list(self._series(self.model_info)):
+            if labels[0] == model:
+                self.model_info.remove(*labels)
+        self.model_info.labels(model, device, architecture, str(exits)).set(1)
+
+    def init_model(self, model: str, num_exits: int) -> None:
+        """Create a model's series at zero so that rates and sums exist from the start."""
+        self.queue_depth.labels(model).set(0)
+        for i in range(num_exits):
+            self.exits.labels(model, str(i))
+        for reason in ("queue_full", "deadline_exceeded", "bad_input", "too_large"):
+            self.rejected.labels(model, reason)
+
+    @staticmethod
+    def model_label(app: Any, name: str | None) -> str:
+        """``name`` when it is a loaded model, else a fixed placeholder: label values
+        never come from unchecked client input (unbounded series would exhaust memory)."""
+        served = getattr(app.state, "models", None) or {}
+        return name if name is not None and name in served else UNKNOWN_MODEL
+
+    @staticmethod
+    def _series(metric: Any) -> list[tuple[str, ...]]:
+        return list(metric._metrics)  # prometheus_client keeps children by label tuple

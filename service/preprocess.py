@@ -1,0 +1,150 @@
+"""Image bytes -> the normalised tensor a checkpoint's network expects.
+
+Decoding runs in worker threads (never on the event loop). Untrusted bytes are checked
+in steps that each fail with a clear ``BadImage``/``PayloadTooLarge`` before the next,
+more expensive, step: format from the header, then the declared size against the pixel
+limit, and only then the pixel data.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import warnings
+
+import numpy as np
+import torch
+from PIL import Image, ImageFile
+from torch import Tensor
+
+from models import InputSpec
+from service.errors import BadImage, PayloadTooLarge
+
+logger = logging.getLogger(__name__)
+
+# Formats whose Pillow decoders are mature; everything else (PSD, ICO, EPS which calls
+# Ghostscript, ...) is refused before decoding.
+ALLOWED_FORMATS = frozenset({"JPEG", "PNG", "BMP", "GIF", "WEBP", "TIFF", "PPM"})
+
+
+def decode_image(data: bytes, *, max_pixels: int, label: str = "image") -> Image.Image:
+    """Decode encoded image bytes, refusing anything unsafe or malformed.
+
+    Args:
+        data: the encoded file.
+        max_pixels: largest width × height accepted; checked from the header, before
+            any pixel is decoded, so a decompression bomb costs nothing.
+        label: how to name the image in error messages (e.g. ``"image 2 ('cat.png')"``).
+
+    Returns:
+        The fully decoded single-frame image.
+
+    Raises:
+        BadImage: empty, not an image, unsupported format, animated, truncated or corrupt.
+        PayloadTooLarge: more pixels than ``max_pixels``.
+    """
+    if not data:
+        raise BadImage(f"{label} is empty")
+    if ImageFile.LOAD_TRUNCATED_IMAGES:  # pragma: no cover - a process-wide setting
+        raise RuntimeError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES must stay off")
+    try:
+        with warnings.catch_warnings():
+            # Pillow's own bomb check warns (or raises) from MAX_IMAGE_PIXELS, a process
+            # global; ours below uses the configured limit instead.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data), formats=sorted(ALLOWED_FORMATS))
+    except Image.DecompressionBombError:
+        raise PayloadTooLarge(f"{label} declares too many pixels") from None
+    except Exception as exc:  # any failure to parse untrusted bytes is a bad image
+        raise BadImage(f"{label} is not a decodable image (JPEG, PNG, ...): {_why(exc)}") from None
+    width, height = img.size
+    if width < 1 or height < 1:
+        raise BadImage(f"{label} has no pixels ({width}x{height})")
+    if width * height > max_pixels:
+        raise PayloadTooLarge(
+            f"{label} is {width}x{height} = {width * height} pixels; the limit is {max_pixels}"
+        )
+    frames = int(getattr(img, "n_frames", 1))
+    if frames > 1:
+        raise BadImage(f"{label} is animated ({frames} frames); send a single frame")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img.load()
+    except Image.DecompressionBombError:
+        raise PayloadTooLarge(f"{label} declares too many pixels") from None
+    except Exception as exc:  # truncated/corrupt data fails in many ways
+        raise BadImage(f"{label} is truncated or corrupt: {_why(exc)}") from None
+    return img
+
+
+def to_pixels(img: Image.Image, spec: InputSpec) -> Tensor:
+    """Convert channels (grey <-> RGB, alpha and palettes dropped, 16-bit scaled to 8)
+    and resize to the spec's size.
+
+    Returns:
+        ``(C, H, W)`` uint8 pixels.
+    """
+    img = _to_8bit(img)
+    mode = "L" if spec.channels == 1 else "RGB"
+    if img.mode != mode:
+        if img.mode == "P" or img.mode.endswith("A") or img.mode == "PA":
+            img = img.convert("RGBA")
+        img = img.convert(mode)
+    if img.size != (spec.width, spec.height):
+        img = img.resize((spec.width, spec.height), Image.Resampling.BILINEAR)
+    arr = np.asarray(img, dtype=np.uint8)
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    if arr.shape[2] != spec.channels:
+        # Only for specs with other channel counts than 1 and 3 (none in the zoo).
+        raise BadImage(f"cannot convert a {img.mode} image to {spec.channels} channels")
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+
+
+def normalise(pixels: Tensor, spec: InputSpec) -> Tensor:
+    """``(x / 255 - mean) / std`` per channel, in float32, exactly as torchvision's
+    ``ToTensor`` + ``Normalize`` compute it (so served and offline answers agree).
+
+    Args:
+        pixels: ``(C, H, W)`` or ``(B, C, H, W)`` uint8.
+    """
+    x = pixels.float().div(255)
+    mean = torch.tensor(spec.mean, dtype=torch.float32).view(-1, 1, 1)
+    std = torch.tensor(spec.std, dtype=torch.float32).view(-1, 1, 1)
+    return x.sub(mean).div(std)
+
+
+def preprocess(data: bytes, spec: InputSpec, *, max_pixels: int, label: str = "image") -> Tensor:
+    """Encoded bytes -> ``(C, H, W)`` float32 network input."""
+    img = decode_image(data, max_pixels=max_pixels, label=label)
+    try:
+        pixels = to_pixels(img, spec)
+    except BadImage:
+        raise
+    except Exception as exc:  # odd modes of untrusted files
+        raise BadImage(f"{label} cannot be converted: {_why(exc)}") from None
+    finally:
+        img.close()
+    return normalise(pixels, spec)
+
+
+def _to_8bit(img: Image.Image) -> Image.Image:
+    # 16-bit grey PNGs open as I;16* or I (32-bit int); Pillow's convert("L") clips them
+    # at 255 instead of scaling, which would turn most images white.
+    if img.mode.startswith("I;16") or img.mode == "I":
+        arr = np.asarray(img, dtype=np.int64)
+        top = 65535 if img.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255
+        scaled = np.clip(arr, 0, top) * 255 // top
+        return Image.fromarray(scaled.astype(np.uint8))
+    if img.mode == "F":
+        arr = np.nan_to_num(np.asarray(img, dtype=np.float32), nan=0.0)
+        return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+    if img.mode == "1":
+        return img.convert("L")
+    return img
+
+
+def _why(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text[:200]

@@ -1,0 +1,173 @@
+"""The model repository: finding checkpoints, loading them onto the device, and the
+served model that couples a network, its thresholds and its batcher."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from models import Checkpoint, load_checkpoint
+from models.checkpoint import MANIFEST, encode_threshold
+from service.batcher import Batcher, Engine
+from service.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_device(setting: str) -> torch.device:
+    """``auto`` -> the first CUDA device when there is one, else the CPU.
+
+    Raises:
+        ValueError: CUDA requested but not available, or no such device index.
+    """
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(setting)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {setting!r} requested but CUDA is not available")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"device {setting!r} requested but there are {torch.cuda.device_count()} GPU(s)"
+            )
+    return device
+
+
+def discover(settings: Settings) -> dict[str, Path]:
+    """Model name -> checkpoint folder, for every folder of the repository holding a
+    manifest (or only those named in ``settings.models``).
+
+    Raises:
+        ValueError: no checkpoint found, or a requested model is not in the repository.
+    """
+    root = settings.model_repository
+    found = {
+        p.name: p
+        for p in sorted(root.iterdir())
+        if p.is_dir() and not p.name.startswith(".") and (p / MANIFEST).is_file()
+    }
+    if settings.models:
+        missing = [m for m in settings.models if m not in found]
+        if missing:
+            raise ValueError(
+                f"model(s) {missing} requested by BRANCHY_MODELS are not in the repository "
+                f"{str(root)!r} (it holds: {', '.join(found) or 'nothing'})"
+            )
+        found = {m: found[m] for m in settings.models}
+    if not found:
+        raise ValueError(
+            f"the model repository {str(root)!r} holds no checkpoint folder "
+            f"(a folder with {MANIFEST})"
+        )
+    return found
+
+
+def load_engine(path: Path, device: torch.device, settings: Settings) -> Engine:
+    """Load a checkpoint onto ``device`` and warm it up (blocking; run it in a thread).
+
+    Raises:
+        models.CheckpointError: missing or damaged checkpoint.
+    """
+    start = time.perf_counter()
+    checkpoint = load_checkpoint(path, device="cpu")
+    checkpoint.model.exit_macs()  # counted (and cached) on the CPU in float32
+    engine = Engine(
+        checkpoint, device, half_precision=settings.half_precision, compile=settings.compile
+    )
+    engine.warm_up(sorted({1, settings.max_batch_size})[: settings.warmup_batches])
+    logger.info("loaded %s (%s, %d exits) on %s in %.2f s", path, checkpoint.model.name,
+                checkpoint.model.num_exits, device, time.perf_counter() - start)  # fmt: skip
+    return engine
+
+
+@dataclass(frozen=True)
+class _Current:
+    engine: Engine
+    thresholds: tuple[float, ...]
+
+
+class ServedModel:
+    """A model being served: its engine and thresholds (swapped together atomically),
+    where its thresholds came from, and its batcher.
+
+    Args:
+        name: model name (its checkpoint folder's name).
+        path: checkpoint folder.
+        engine: the loaded network.
+        thresholds: thresholds in force.
+        source: where they came from: ``checkpoint``, ``state`` or ``admin``.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        path: Path,
+        engine: Engine,
+        thresholds: tuple[float, ...],
+        *,
+        source: str,
+    ) -> None:
+        self.name = name
+        self.path = path
+        self._current = _Current(engine, thresholds)
+        self.threshold_source = source
+        self.thresholds_updated_at = time.time()
+        self.state_mtime_ns: int | None = None
+        self.loaded_at = time.time()
+        self.batcher: Batcher | None = None
+
+    def snapshot(self) -> tuple[Engine, tuple[float, ...]]:
+        current = self._current  # one reference read: engine and thresholds agree
+        return current.engine, current.thresholds
+
+    @property
+    def engine(self) -> Engine:
+        return self._current.engine
+
+    @property
+    def thresholds(self) -> tuple[float, ...]:
+        return self._current.thresholds
+
+    @property
+    def checkpoint(self) -> Checkpoint:
+        return self._current.engine.checkpoint
+
+    @property
+    def num_exits(self) -> int:
+        return self._current.engine.num_exits
+
+    def set_thresholds(self, thresholds: tuple[float, ...], *, source: str) -> None:
+        assert len(thresholds) == self.num_exits - 1
+        self._current = _Current(self._current.engine, thresholds)
+        self.threshold_source = source
+        self.thresholds_updated_at = time.time()
+
+    def replace(self, engine: Engine, thresholds: tuple[float, ...], *, source: str) -> None:
+        self._current = _Current(engine, thresholds)
+        self.threshold_source = source
+        self.thresholds_updated_at = time.time()
+        self.loaded_at = time.time()
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-able description for ``GET /v1/models/{name}``."""
+        engine, thresholds = self.snapshot()
+        ckpt = engine.checkpoint
+        return {
+            "name": self.name,
+            "architecture": ckpt.model.name,
+            "num_exits": engine.num_exits,
+            "thresholds": [encode_threshold(t) for t in thresholds],
+            "threshold_source": self.threshold_source,
+            "classes": list(ckpt.class_names),
+            "input": ckpt.input_spec.to_json(),
+            "device": str(engine.device),
+            "half_precision": engine.half,
+            "exit_macs": ckpt.model.exit_macs(),
+            "has_calibration": ckpt.calibration is not None,
+            "metrics": ckpt.metrics,
+        }

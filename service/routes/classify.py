@@ -1,0 +1,194 @@
+"""``/v1``: list and describe models, classify images (multipart or a raw image body)."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query, Request
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from service import inference
+from service.deps import ModelDep, SettingsDep
+from service.errors import (
+    BadRequest,
+    TooManyImages,
+    UnsupportedMediaType,
+)
+from service.schemas import (
+    ClassifyResponse,
+    ExitInfo,
+    ImageResult,
+    ModelDetail,
+    ModelList,
+    ModelSummary,
+    Timings,
+    TopK,
+)
+from service.settings import Settings
+
+router = APIRouter(prefix="/v1", tags=["classify"])
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"description": "Bad image or malformed request."},
+    404: {"description": "Unknown model."},
+    413: {"description": "Body, image count or pixel count over the limit."},
+    415: {"description": "Not multipart/form-data or image/*."},
+    422: {"description": "Invalid query parameters (thresholds, top_k)."},
+    503: {"description": "Queue full (Retry-After) or not ready."},
+    504: {"description": "Deadline passed while queued."},
+}
+_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        "images": {
+                            "type": "array",
+                            "items": {"type": "string", "format": "binary"},
+                        }
+                    },
+                }
+            },
+            "image/png": {"schema": {"type": "string", "format": "binary"}},
+            "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
+        },
+    }
+}
+
+
+@router.get("/models", summary="The loaded models")
+async def list_models(request: Request) -> ModelList:
+    served = request.app.state.models
+    return ModelList(
+        models=[
+            ModelSummary(
+                name=name,
+                architecture=m.checkpoint.model.name,
+                num_exits=m.num_exits,
+                ready=m.batcher is not None,
+            )
+            for name, m in sorted(served.items())
+        ]
+    )
+
+
+@router.get("/models/{name}", summary="A model: exits, thresholds, classes, input, MACs",
+            responses={404: _ERRORS[404]})  # fmt: skip
+async def describe_model(model: ModelDep) -> ModelDetail:
+    return ModelDetail(**model.describe())
+
+
+@router.post(
+    "/models/{name}/classify",
+    summary="Classify one or more images",
+    description=(
+        "Send images as parts of a multipart/form-data body (any part name; each part a "
+        "file), or one image as a raw body with an image/* content type. JPEG, PNG, BMP, "
+        "GIF (one frame), WebP, TIFF; grey/RGB/palette/alpha/16-bit are converted and "
+        "resized to the model's input and normalised with its statistics."
+    ),
+    responses=_ERRORS,
+    openapi_extra=_BODY,
+)
+async def classify_images(
+    request: Request,
+    model: ModelDep,
+    settings: SettingsDep,
+    top_k: Annotated[
+        int | None, Query(ge=1, le=1000, description="Return the k best classes.")
+    ] = None,
+    thresholds: Annotated[
+        str | None,
+        Query(
+            max_length=2000, description="This request's thresholds, comma-separated (inf allowed)."
+        ),
+    ] = None,
+) -> ClassifyResponse:
+    started = time.monotonic()
+    own = inference.parse_thresholds(thresholds, model, settings)
+    images = await _read_images(request, settings)
+    t0 = time.perf_counter()
+    inputs = await inference.decode(images, model, settings)
+    decode_s = time.perf_counter() - t0
+    answers = await inference.classify(model, inputs, settings, started=started, thresholds=own)
+
+    names = model.checkpoint.class_names
+    k = None if top_k is None else min(top_k, len(names))
+    results = []
+    for i, (a, (filename, _)) in enumerate(zip(answers, images, strict=True)):
+        best = None
+        if k is not None:
+            p, c = a.probabilities.topk(k)
+            best = [
+                TopK(class_index=int(ci), class_name=names[int(ci)], probability=float(pi))
+                for pi, ci in zip(p.tolist(), c.tolist(), strict=True)
+            ]
+        results.append(
+            ImageResult(
+                index=i,
+                filename=filename,
+                class_index=a.class_index,
+                class_name=names[a.class_index],
+                confidence=a.confidence,
+                entropy=a.entropy,
+                exit=ExitInfo(index=a.exit_index, count=len(a.thresholds) + 1),
+                top_k=best,
+                queue_wait_ms=a.queue_wait_s * 1e3,
+                inference_ms=a.inference_s * 1e3,
+                batch_size=a.batch_size,
+            )
+        )
+    return ClassifyResponse(
+        model=model.name,
+        thresholds=inference.encode_thresholds(answers[0].thresholds),
+        results=results,
+        timings=Timings(
+            decode_ms=decode_s * 1e3,
+            queue_wait_ms=max(a.queue_wait_s for a in answers) * 1e3,
+            inference_ms=max(a.inference_s for a in answers) * 1e3,
+            total_ms=(time.monotonic() - started) * 1e3,
+        ),
+    )
+
+
+async def _read_images(request: Request, settings: Settings) -> list[tuple[str | None, bytes]]:
+    """The request's encoded images: every file part of a multipart body, or the body."""
+    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    limit = settings.max_images_per_request
+    if media == "multipart/form-data":
+        try:
+            form = await request.form(
+                max_files=limit + 1, max_fields=limit + 16, max_part_size=settings.max_body_bytes
+            )
+        except StarletteHTTPException as exc:
+            if "too many files" in str(exc.detail).lower():
+                raise TooManyImages(f"more than {limit} images in one request") from None
+            raise BadRequest(f"malformed multipart body: {exc.detail}") from None
+        try:
+            parts = [
+                (value.filename, await value.read())
+                for _, value in form.multi_items()
+                if isinstance(value, UploadFile)
+            ]
+        finally:
+            await form.close()
+        if not parts:
+            raise BadRequest("the multipart body has no file parts; send each image as a file part")
+    elif media.startswith("image/"):
+        parts = [(None, await request.body())]
+    elif media == "":
+        raise UnsupportedMediaType(
+            "missing Content-Type; send multipart/form-data or an image/* body"
+        )
+    else:
+        raise UnsupportedMediaType(
+            f"unsupported Content-Type {media[:100]!r}; send multipart/form-data or image/*"
+        )
+    if len(parts) > limit:
+        raise TooManyImages(f"{len(parts)} images in one request; the limit is {limit}")
+    return parts

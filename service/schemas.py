@@ -1,0 +1,123 @@
+"""Request and response bodies (pydantic), kept apart from the routes that use them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Threshold = float | str  # "inf" where JSON has no infinity
+
+
+class ExitInfo(BaseModel):
+    index: int = Field(description="0-based index of the exit the image took.")
+    count: int = Field(description="Number of exits of the model.")
+
+
+class TopK(BaseModel):
+    class_index: int
+    class_name: str
+    probability: float
+
+
+class ImageResult(BaseModel):
+    index: int = Field(description="Position of the image in the request.")
+    filename: str | None = None
+    class_index: int
+    class_name: str
+    confidence: float = Field(description="Softmax probability of the predicted class.")
+    entropy: float = Field(description="Softmax entropy (nats) at the exit taken.")
+    exit: ExitInfo
+    top_k: list[TopK] | None = None
+    queue_wait_ms: float
+    inference_ms: float = Field(description="Compute time of the batch the image ran in.")
+    batch_size: int = Field(description="Images in that batch.")
+
+
+class Timings(BaseModel):
+    decode_ms: float
+    queue_wait_ms: float = Field(description="Longest queue wait of the request's images.")
+    inference_ms: float = Field(description="Longest batch compute time of its images.")
+    total_ms: float
+
+
+class ClassifyResponse(BaseModel):
+    model: str
+    thresholds: list[Threshold] = Field(description="Thresholds the request ran with.")
+    results: list[ImageResult]
+    timings: Timings
+
+
+class ModelSummary(BaseModel):
+    name: str
+    architecture: str
+    num_exits: int
+    ready: bool
+
+
+class ModelList(BaseModel):
+    models: list[ModelSummary]
+
+
+class ModelDetail(BaseModel):
+    name: str
+    architecture: str
+    num_exits: int
+    thresholds: list[Threshold]
+    threshold_source: str = Field(description="checkpoint, state (state folder) or admin.")
+    classes: list[str]
+    input: dict[str, Any]
+    device: str
+    half_precision: bool
+    exit_macs: list[int] = Field(description="MACs to reach and evaluate each exit.")
+    has_calibration: bool
+    metrics: dict[str, Any]
+
+
+class ThresholdUpdate(BaseModel):
+    """Exactly one of: explicit ``thresholds``; an accuracy ``tolerance`` (fraction below
+    the final exit's accuracy on the calibration data); an absolute accuracy ``target``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    thresholds: list[Any] | None = Field(
+        default=None, description="One finite value >= 0 per early exit."
+    )
+    tolerance: float | None = Field(default=None, ge=0, le=1, allow_inf_nan=False)
+    target: float | None = Field(default=None, ge=0, le=1, allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> ThresholdUpdate:
+        given = [k for k in ("thresholds", "tolerance", "target") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                f"give exactly one of thresholds, tolerance, target; got {given or 'none'}"
+            )
+        return self
+
+
+class Expected(BaseModel):
+    """What the thresholds do on the checkpoint's calibration (validation) data."""
+
+    accuracy: float
+    exit_shares: list[float]
+    expected_macs: float
+    relative_cost: float = Field(description="Expected MACs / MACs of the final exit.")
+    calibration_samples: int
+
+
+class ThresholdState(BaseModel):
+    model: str
+    thresholds: list[Threshold]
+    source: str
+    updated_at: float
+    expected: Expected | None = None
+
+
+class ReloadResponse(BaseModel):
+    model: str
+    architecture: str
+    num_exits: int
+    thresholds: list[Threshold]
+    threshold_source: str
+    seconds: float

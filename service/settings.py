@@ -1,0 +1,120 @@
+"""Server settings: one pydantic-settings class read from ``BRANCHY_*`` environment variables.
+
+Invalid values stop start-up with a message naming the setting (see ``service.__main__``).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+# The committed model zoo, next to the ``service`` package in a source checkout; in the
+# container the Dockerfile points BRANCHY_MODEL_REPOSITORY at /app/zoo.
+DEFAULT_REPOSITORY = Path(__file__).resolve().parent.parent / "zoo"
+_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+_LOG_LEVELS = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG")
+
+
+class Settings(BaseSettings):
+    """Everything an operator can set. Environment variable = ``BRANCHY_`` + upper-case name.
+
+    Attributes:
+        model_repository: folder with one checkpoint folder per model (folder name = model name).
+        models: load only these models (comma list in the environment); empty = all.
+        device: ``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``.
+        host: address uvicorn binds.
+        port: TCP port uvicorn binds.
+        max_batch_size: images per model batch at most.
+        max_batch_delay_ms: how long the oldest queued image may wait for a batch to fill.
+        max_queue: images waiting per model at most; beyond that requests get 503.
+        max_concurrent_requests: requests carrying images in progress at once at most
+            (bounds memory held by bodies being read and decoded); beyond that 503.
+        request_timeout_s: deadline of a request; images still queued past it are dropped
+            before compute and the request answered 504.
+        max_body_bytes: largest request body accepted (413 beyond).
+        max_images_per_request: most images in one request (413 beyond).
+        max_image_pixels: most pixels (width × height) of one image, checked from the
+            header before any pixel is decoded (413 beyond).
+        admin_token: bearer token of the admin routes; unset = admin routes off.
+        state_dir: where per-model threshold changes are persisted.
+        state_poll_s: how often to look for threshold files changed by another replica
+            sharing ``state_dir`` (0 = never).
+        allow_request_thresholds: whether a request may carry its own thresholds.
+        half_precision: run the model in float16 (CUDA only).
+        compile: wrap stages and heads in ``torch.compile`` (CUDA only).
+        warmup_batches: batches run per model at start-up before ``/readyz`` turns 200.
+        graceful_shutdown_s: how long SIGTERM waits for accepted requests to finish.
+        log_level: Python logging level name.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="BRANCHY_", extra="ignore")
+
+    model_repository: Path = DEFAULT_REPOSITORY
+    models: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    device: str = "auto"
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    max_batch_size: int = Field(default=64, ge=1, le=4096)
+    max_batch_delay_ms: float = Field(default=2.0, ge=0, le=10_000)
+    max_queue: int = Field(default=1024, ge=1)
+    max_concurrent_requests: int = Field(default=512, ge=1)
+    request_timeout_s: float = Field(default=10.0, gt=0, le=3600)
+    max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1)
+    max_images_per_request: int = Field(default=64, ge=1)
+    max_image_pixels: int = Field(default=4096 * 4096, ge=1)
+    admin_token: SecretStr | None = None
+    state_dir: Path = Path("state")
+    state_poll_s: float = Field(default=5.0, ge=0)
+    allow_request_thresholds: bool = True
+    half_precision: bool = False
+    compile: bool = False
+    warmup_batches: int = Field(default=2, ge=0, le=100)
+    graceful_shutdown_s: float = Field(default=30.0, gt=0)
+    log_level: str = "INFO"
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _split_models(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [m.strip() for m in value.split(",") if m.strip()]
+        return value
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, value: str) -> str:
+        value = value.strip().lower()
+        if not _DEVICE.match(value):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N; got {value!r}")
+        return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _check_log_level(cls, value: str) -> str:
+        value = value.strip().upper()
+        if value not in _LOG_LEVELS:
+            raise ValueError(f"log_level must be one of {', '.join(_LOG_LEVELS)}; got {value!r}")
+        return value
+
+    @field_validator("admin_token")
+    @classmethod
+    def _check_token(cls, value: SecretStr | None) -> SecretStr | None:
+        # An empty variable means "not configured", not "the empty password".
+        if value is None or value.get_secret_value() == "":
+            return None
+        if len(value.get_secret_value()) < 8:
+            raise ValueError("admin_token must be at least 8 characters long")
+        return value
+
+    @model_validator(mode="after")
+    def _check_repository(self) -> Settings:
+        if not self.model_repository.is_dir():
+            raise ValueError(f"model_repository {str(self.model_repository)!r} is not a directory")
+        return self
+
+    @property
+    def max_batch_delay_s(self) -> float:
+        return self.max_batch_delay_ms / 1000.0

@@ -1,0 +1,125 @@
+"""Per-model threshold state persisted in the state folder.
+
+One JSON file per model, ``<state_dir>/<model>.thresholds.json``, written atomically
+(temporary file + rename) so a reader, including another replica sharing the folder,
+never sees half a file. The model name comes from the loaded set (checkpoint folder
+names), never from a request.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+SUFFIX = ".thresholds.json"
+
+
+@dataclass(frozen=True)
+class SavedThresholds:
+    """Thresholds read back from the state folder."""
+
+    thresholds: tuple[float, ...]
+    updated_at: float
+    mtime_ns: int
+
+
+def state_file(state_dir: Path, model: str) -> Path:
+    return state_dir / f"{model}{SUFFIX}"
+
+
+def check_thresholds(values: Any, num_exits: int, *, allow_inf: bool = True) -> tuple[float, ...]:
+    """Validate thresholds for a model with ``num_exits`` exits.
+
+    Raises:
+        ValueError: wrong count, not numbers, NaN, negative (or infinite when not allowed).
+    """
+    if not isinstance(values, list | tuple):
+        raise ValueError(f"thresholds must be a list of numbers; got {type(values).__name__}")
+    if len(values) != num_exits - 1:
+        raise ValueError(
+            f"expected {num_exits - 1} threshold(s), one per early exit of this "
+            f"{num_exits}-exit model; got {len(values)}"
+        )
+    out = []
+    for i, v in enumerate(values):
+        if isinstance(v, bool) or not isinstance(v, int | float | str):
+            raise ValueError(f"threshold {i} must be a number; got {v!r}")
+        try:
+            f = float(v)
+        except ValueError:
+            raise ValueError(f"threshold {i} must be a number; got {v!r}") from None
+        if math.isnan(f):
+            raise ValueError(f"threshold {i} is NaN")
+        if f < 0:
+            raise ValueError(f"threshold {i} must be >= 0; got {f}")
+        if math.isinf(f) and not allow_inf:
+            raise ValueError(f"threshold {i} must be finite; got {f}")
+        out.append(f)
+    return tuple(out)
+
+
+def save_thresholds(state_dir: Path, model: str, thresholds: tuple[float, ...]) -> int:
+    """Write a model's thresholds atomically.
+
+    Returns:
+        The file's new ``st_mtime_ns``, so the writer does not re-read its own change.
+    """
+    state_dir.mkdir(parents=True, exist_ok=True)
+    target = state_file(state_dir, model)
+    body = {
+        "model": model,
+        "thresholds": [t if math.isfinite(t) else "inf" for t in thresholds],
+        "updated_at": time.time(),
+    }
+    fd, tmp = tempfile.mkstemp(dir=state_dir, prefix=f".{target.name}.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(body, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return target.stat().st_mtime_ns
+
+
+def load_thresholds(state_dir: Path, model: str, num_exits: int) -> SavedThresholds | None:
+    """Read a model's saved thresholds; a missing file gives None, a damaged one is
+    logged and ignored (None) so it can never stop the server."""
+    path = state_file(state_dir, model)
+    try:
+        stat = path.stat()
+        text = path.read_text()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        logger.error("cannot read threshold state %s (ignored): %s", path, exc)
+        return None
+    try:
+        body = json.loads(text)
+        if not isinstance(body, dict):
+            raise ValueError("not a JSON object")
+        thresholds = check_thresholds(body.get("thresholds"), num_exits)
+        updated = float(body.get("updated_at", stat.st_mtime))
+    except (ValueError, TypeError) as exc:
+        logger.error("damaged threshold state %s (ignored; keeping the current thresholds): %s",
+                     path, exc)  # fmt: skip
+        return None
+    return SavedThresholds(thresholds, updated, stat.st_mtime_ns)
+
+
+def file_mtime_ns(state_dir: Path, model: str) -> int | None:
+    try:
+        return state_file(state_dir, model).stat().st_mtime_ns
+    except OSError:
+        return None
