@@ -362,14 +362,15 @@ def classify_multipart(
 
 
 def v2_tensor_body(target: Target, array: np.ndarray) -> dict[str, object]:
-    """A valid v2 ``infer`` body with one ``(1, H, W, C)`` UINT8 image tensor."""
+    """A valid v2 ``infer`` body: one ``(1, C, H, W)`` UINT8 tensor of ``(H, W, C)`` pixels."""
+    chw = np.ascontiguousarray(array.transpose(2, 0, 1))
     return {
         "inputs": [
             {
                 "name": target.v2_input,
-                "shape": [1, *array.shape],
+                "shape": [1, *chw.shape],
                 "datatype": "UINT8",
-                "data": array.reshape(-1).tolist(),
+                "data": chw.reshape(-1).tolist(),
             }
         ]
     }
@@ -620,8 +621,8 @@ def v2_bad_bodies(target: Target, valid: dict[str, object]) -> dict[str, bytes]:
         "not_an_object": b"[1, 2, 3]",
         "no_inputs": b"{}",
         "empty_inputs": b'{"inputs": []}',
-        "shape_mismatch": with_input(shape=[1, target.height + 1, target.width, target.channels]),
-        "shape_negative": with_input(shape=[1, -target.height, target.width, target.channels]),
+        "shape_mismatch": with_input(shape=[1, target.channels, target.height + 1, target.width]),
+        "shape_negative": with_input(shape=[1, target.channels, -target.height, target.width]),
         "shape_wrong_rank": with_input(shape=[len(data)]),
         "data_too_short": with_input(data=data[:-1]),
         "datatype_unknown": with_input(datatype="COMPLEX128"),

@@ -15,7 +15,6 @@ from __future__ import annotations
 import io
 import struct
 import zlib
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -28,7 +27,6 @@ from models import InputSpec
 from service.errors import BadImage, PayloadTooLarge, ServiceError
 from service.preprocess import preprocess
 from tests.service import badimages as bad
-from tests.service.reliability_support import ADMIN_TOKEN, ServerProcess, make_repository
 
 GREY_SPEC = InputSpec(channels=1, height=28, width=28, mean=(0.1307,), std=(0.3081,))
 RGB_SPEC = InputSpec(
