@@ -1,0 +1,241 @@
+"""Dynamic batching, metrics consistency, and the batcher's robustness mechanisms:
+queue bound, deadline drop, a failing batch, out-of-memory splitting, request limits."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
+
+import service.batcher
+from models import build_model
+from service.batcher import split_on_oom
+from tests.service.conftest import CIFAR, MNIST, encode, random_pixels
+
+PNG = {"content-type": "image/png"}
+
+
+def _samples(client: TestClient) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    out = {}
+    for family in text_string_to_metric_families(client.get("/metrics").text):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def _total(samples: dict, name: str, **labels: str) -> float:
+    want = set(labels.items())
+    return sum(v for (n, lab), v in samples.items() if n == name and want <= set(lab))
+
+
+def _files(pixels) -> list:
+    return [("images", (f"{i}.png", encode(p), "image/png")) for i, p in enumerate(pixels)]
+
+
+def test_concurrent_requests_share_batches_and_metrics_add_up(
+    make_client: Callable[..., TestClient],
+) -> None:
+    client = make_client(max_batch_delay_ms=30, max_batch_size=32)
+    pixels = random_pixels(MNIST, 40, seed=9)
+    sizes = [1, 2, 3, 4] * 4  # 16 requests, 40 images
+
+    def send(k: int) -> list[dict]:
+        start = sum(sizes[:k])
+        resp = client.post(
+            "/v1/models/b-lenet/classify", files=_files(pixels[start : start + sizes[k]])
+        )
+        assert resp.status_code == 200, resp.text
+        return resp.json()["results"]
+
+    with ThreadPoolExecutor(8) as pool:
+        results = [r for rs in pool.map(send, range(len(sizes))) for r in rs]
+    assert len(results) == 40
+    assert max(r["batch_size"] for r in results) > 1
+
+    s = _samples(client)
+    m = {"model": "b-lenet"}
+    batches = _total(s, "branchy_batch_size_count", **m)
+    images = _total(s, "branchy_batch_size_sum", **m)
+    assert images == 40 and batches < 40, (batches, images)
+    assert _total(s, "branchy_batch_size_bucket", le="1.0", **m) < batches  # some batch > 1
+    # one exit count per classified image, one request count per request
+    assert _total(s, "branchy_exit_total", **m) == 40
+    exits = [r["exit"]["index"] for r in results]
+    for e in (0, 1):
+        assert _total(s, "branchy_exit_total", exit=str(e), **m) == exits.count(e)
+    assert _total(s, "branchy_requests_total", code="200", endpoint="classify", **m) == 16
+    assert _total(s, "branchy_request_duration_seconds_count", endpoint="classify", **m) == 16
+    assert _total(s, "branchy_queue_wait_seconds_count", **m) == 40
+    assert _total(s, "branchy_inference_duration_seconds_count", **m) == batches
+    assert _total(s, "branchy_exit_entropy_count", **m) == 40
+    assert _total(s, "branchy_queue_depth", **m) == 0
+    assert _total(s, "branchy_model_info", model="b-lenet", architecture="b-lenet", exits="2") == 1
+    assert _total(s, "branchy_threshold", exit="0", **m) == 0.0
+
+
+def test_per_request_thresholds_in_one_shared_batch(make_client: Callable[..., TestClient]) -> None:
+    client = make_client(max_batch_delay_ms=200, max_batch_size=64)
+    images = _files(random_pixels(CIFAR, 3, seed=4))
+
+    def send(thresholds: str | None) -> list[dict]:
+        params = {"thresholds": thresholds} if thresholds else {}
+        resp = client.post("/v1/models/b-alexnet/classify", files=images, params=params)
+        assert resp.status_code == 200, resp.text
+        return resp.json()["results"]
+
+    with ThreadPoolExecutor(3) as pool:
+        everyone, nobody, default = pool.map(send, ["inf,inf", "0,0", None])
+    assert [r["exit"]["index"] for r in everyone] == [0, 0, 0]
+    assert [r["exit"]["index"] for r in nobody] == [2, 2, 2]
+    assert [r["exit"]["index"] for r in default] == [2, 2, 2]  # checkpoint thresholds are 0
+    assert max(r["batch_size"] for r in everyone + nobody + default) > 3  # requests were mixed
+
+
+def test_split_on_oom_answers_like_the_whole_batch() -> None:
+    torch.manual_seed(0)
+    model = build_model("b-lenet").eval()
+    x = torch.randn(13, 1, 28, 28)
+    t = torch.full((13, 1), 2.29)
+    sizes: list[int] = []
+
+    def fragile(xb: torch.Tensor, tb: torch.Tensor):  # type: ignore[no-untyped-def]
+        sizes.append(xb.shape[0])
+        if xb.shape[0] > 3:
+            raise torch.cuda.OutOfMemoryError("injected")
+        return model.early_exit(xb, tb)
+
+    whole = model.early_exit(x, t)
+    split = split_on_oom(fragile, x, t)
+    assert torch.equal(split.exit_index, whole.exit_index)
+    assert torch.allclose(split.logits, whole.logits, atol=1e-5)
+    assert torch.allclose(split.entropy, whole.entropy, atol=1e-5)
+    assert (
+        sizes[0] == 13 and max(s for s in sizes[1:]) <= 7 and sum(s for s in sizes if s <= 3) == 13
+    )
+
+    def hopeless(xb: torch.Tensor, tb: torch.Tensor):  # type: ignore[no-untyped-def]
+        raise torch.cuda.OutOfMemoryError("injected")
+
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        split_on_oom(hopeless, x[:2], t[:2])
+
+
+def test_oom_inside_the_server_is_answered_by_splitting(
+    make_client: Callable[..., TestClient], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = service.batcher.run_model
+
+    def oom_above_two(model, x, t):  # type: ignore[no-untyped-def]
+        if x.shape[0] > 2:
+            raise torch.cuda.OutOfMemoryError("injected")
+        return real(model, x, t)
+
+    monkeypatch.setattr(service.batcher, "run_model", oom_above_two)
+    client = make_client()
+    resp = client.post("/v1/models/b-lenet/classify", files=_files(random_pixels(MNIST, 9)))
+    assert resp.status_code == 200, resp.text
+    assert len(resp.json()["results"]) == 9
+
+
+def test_a_failing_batch_fails_only_its_requests(
+    make_client: Callable[..., TestClient],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    real = service.batcher.run_model
+    calls = {"n": 0}
+
+    def fail_first(model, x, t):  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("injected fault")
+        return real(model, x, t)
+
+    client = make_client()
+    monkeypatch.setattr(service.batcher, "run_model", fail_first)
+    image = encode(random_pixels(MNIST, 1)[0])
+    bad = client.post("/v1/models/b-lenet/classify", content=image, headers=PNG)
+    assert bad.status_code == 500
+    error = bad.json()["error"]
+    assert error["code"] == "internal" and len(error["id"]) >= 8
+    assert error["id"] in caplog.text and "injected fault" in caplog.text
+    good = client.post("/v1/models/b-lenet/classify", content=image, headers=PNG)
+    assert good.status_code == 200, good.text
+
+
+def _slow(monkeypatch: pytest.MonkeyPatch, seconds: float) -> None:
+    real = service.batcher.run_model
+
+    def slow(model, x, t):  # type: ignore[no-untyped-def]
+        time.sleep(seconds)
+        return real(model, x, t)
+
+    monkeypatch.setattr(service.batcher, "run_model", slow)
+
+
+def test_full_queue_answers_503_at_once(
+    make_client: Callable[..., TestClient], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _slow(monkeypatch, 0.3)
+    client = make_client(max_queue=4, max_batch_size=1, max_batch_delay_ms=0)
+    pixels = random_pixels(MNIST, 3)
+
+    def send(_: int) -> tuple[int, float, dict]:
+        start = time.monotonic()
+        resp = client.post("/v1/models/b-lenet/classify", files=_files(pixels))
+        return resp.status_code, time.monotonic() - start, resp
+
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(send, range(4)))
+    codes = [a[0] for a in answers]
+    assert 200 in codes and 503 in codes, codes
+    for status, seconds, resp in answers:
+        if status == 503:
+            assert resp.headers["retry-after"] == "1"
+            assert resp.json()["error"]["code"] == "queue_full"
+            assert seconds < 0.3  # refused at once, not after waiting
+    s = _samples(client)
+    assert _total(s, "branchy_rejected_total", model="b-lenet", reason="queue_full") == codes.count(
+        503
+    )
+
+
+def test_expired_requests_are_dropped_before_compute(
+    make_client: Callable[..., TestClient], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _slow(monkeypatch, 0.4)
+    client = make_client(request_timeout_s=0.2, max_batch_size=1, max_batch_delay_ms=0)
+    image = encode(random_pixels(MNIST, 1)[0])
+    calls_before = _total(_samples(client), "branchy_batch_size_count", model="b-lenet")
+
+    def send(_: int) -> int:
+        return client.post("/v1/models/b-lenet/classify", content=image, headers=PNG).status_code
+
+    with ThreadPoolExecutor(3) as pool:
+        codes = list(pool.map(send, range(3)))
+    assert codes.count(504) >= 1, codes
+    s = _samples(client)
+    dropped = _total(s, "branchy_rejected_total", model="b-lenet", reason="deadline_exceeded")
+    assert dropped == codes.count(504)
+    ran = _total(s, "branchy_batch_size_count", model="b-lenet") - calls_before
+    assert ran == codes.count(200) + 0  # the dropped images never reached the model
+
+
+def test_request_limits(make_client: Callable[..., TestClient]) -> None:
+    client = make_client(max_body_bytes=20_000, max_images_per_request=3, max_image_pixels=32 * 32)
+    small = encode(random_pixels(MNIST, 1)[0])
+    resp = client.post("/v1/models/b-lenet/classify", files=_files(random_pixels(MNIST, 4)))
+    assert resp.status_code == 413 and resp.json()["error"]["code"] == "too_many_images"
+    resp = client.post("/v1/models/b-lenet/classify", content=small + b"\0" * 30_000, headers=PNG)
+    assert resp.status_code == 413 and resp.json()["error"]["code"] == "payload_too_large"
+    big = encode(random_pixels(CIFAR, 1)[0].repeat(2, 0))  # 64x32 > 32*32 pixels
+    resp = client.post("/v1/models/b-lenet/classify", content=big, headers=PNG)
+    assert resp.status_code == 413 and "pixels" in resp.json()["error"]["message"]
+    assert client.post("/v1/models/b-lenet/classify", content=small, headers=PNG).status_code == 200
+    s = _samples(client)
+    assert _total(s, "branchy_rejected_total", reason="too_large") == 3
