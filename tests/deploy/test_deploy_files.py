@@ -424,14 +424,16 @@ class _Health(BaseHTTPRequestHandler):
 
 
 @pytest.fixture
-def health_server() -> Iterator[tuple[ThreadingHTTPServer, list[str]]]:
+def health_server() -> Iterator[tuple[int, list[str], type[_Health]]]:
+    """A local HTTP server answering every GET with ``handler.status``: its port, the
+    paths it was asked for, and the handler class (set ``status`` to change answers)."""
     paths: list[str] = []
-    handler = type("Handler", (_Health,), {"paths": paths})
+    handler: type[_Health] = type("Handler", (_Health,), {"paths": paths})
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     try:
-        yield server, paths
+        yield server.server_address[1], paths, handler
     finally:
         server.shutdown()
         server.server_close()
@@ -533,14 +535,13 @@ def test_healthcheck_command_probes_healthz(
     source: str,
     dockerfile: Dockerfile,
     branchy: dict[str, Any],
-    health_server: tuple[ThreadingHTTPServer, list[str]],
+    health_server: tuple[int, list[str], type[_Health]],
 ) -> None:
-    server, paths = health_server
+    port, paths, handler = health_server
     command = health_commands(dockerfile, branchy)[source]
-    port = server.server_address[1]
     assert run_check(command, port) == 0
     assert paths == ["/healthz"]
-    server.RequestHandlerClass.status = 503
+    handler.status = 503
     assert run_check(command, port) != 0, "a 503 must fail the health check"
 
 
