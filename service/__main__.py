@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import signal
 import sys
+from types import FrameType
 
 import uvicorn
 from pydantic import ValidationError
@@ -28,8 +30,16 @@ def load_settings() -> Settings:
         sys.exit(2)
 
 
+def _exit_cleanly(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(0)
+
+
 def main() -> None:
     """Start the server with settings from ``BRANCHY_*`` environment variables."""
+    # Uvicorn handles SIGTERM itself (graceful drain) and afterwards re-raises it to the
+    # handler that was installed before it. A drained SIGTERM is an orderly stop that an
+    # orchestrator asked for, so that handler ends the process with status 0.
+    signal.signal(signal.SIGTERM, _exit_cleanly)
     settings = load_settings()
     logging.basicConfig(
         level=settings.log_level,
