@@ -11,11 +11,12 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import __version__
 from service.batcher import Batcher
-from service.errors import PayloadTooLarge, error_body, install_error_handlers
+from service.errors import error_body, install_error_handlers
 from service.metrics import UNKNOWN_MODEL, Metrics
 from service.repository import ServedModel, discover, load_engine, resolve_device
 from service.routes import admin, classify, health, v2
@@ -229,7 +230,11 @@ class LimitsMiddleware:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
-                    raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
+                    # An HTTPException (413), not a domain error: FastAPI passes those
+                    # through its body parsing unchanged, so JSON routes answer 413 too.
+                    raise StarletteHTTPException(
+                        413, f"request body exceeds the limit of {limit} bytes"
+                    )
             return message
 
         if endpoint is not None:

@@ -166,6 +166,8 @@ async def _read_images(request: Request, settings: Settings) -> list[tuple[str |
                 max_files=limit + 1, max_fields=limit + 16, max_part_size=settings.max_body_bytes
             )
         except StarletteHTTPException as exc:
+            if exc.status_code == 413:
+                raise
             if "too many files" in str(exc.detail).lower():
                 raise TooManyImages(f"more than {limit} images in one request") from None
             raise BadRequest(f"malformed multipart body: {exc.detail}") from None

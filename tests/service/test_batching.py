@@ -233,9 +233,20 @@ def test_request_limits(make_client: Callable[..., TestClient]) -> None:
     assert resp.status_code == 413 and resp.json()["error"]["code"] == "too_many_images"
     resp = client.post("/v1/models/b-lenet/classify", content=small + b"\0" * 30_000, headers=PNG)
     assert resp.status_code == 413 and resp.json()["error"]["code"] == "payload_too_large"
+
+    def chunks():  # streamed, no Content-Length: the limit applies while reading
+        yield small
+        for _ in range(10):
+            yield b"\0" * 5000
+
+    resp = client.post("/v1/models/b-lenet/classify", content=chunks(), headers=PNG)
+    assert resp.status_code == 413 and resp.json()["error"]["code"] == "payload_too_large"
+    resp = client.put("/admin/models/b-lenet/thresholds", content=chunks(),
+                      headers={"content-type": "application/json"})  # fmt: skip
+    assert resp.status_code == 413
     big = encode(random_pixels(CIFAR, 1)[0].repeat(2, 0))  # 64x32 > 32*32 pixels
     resp = client.post("/v1/models/b-lenet/classify", content=big, headers=PNG)
     assert resp.status_code == 413 and "pixels" in resp.json()["error"]["message"]
     assert client.post("/v1/models/b-lenet/classify", content=small, headers=PNG).status_code == 200
     s = _samples(client)
-    assert _total(s, "branchy_rejected_total", reason="too_large") == 3
+    assert _total(s, "branchy_rejected_total", reason="too_large") == 5
