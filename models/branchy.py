@@ -11,12 +11,12 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 import torch
 from torch import Tensor, nn
 
-from models.exits import entropy_from_logits, threshold_matrix
+from models.exits import entropy_from_logits, threshold_matrix, thresholds_for_one
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,13 @@ class ExitResult:
         return ExitResult(
             self.logits.to(device), self.exit_index.to(device), self.entropy.to(device)
         )
+
+
+def _plain_numbers(values: object) -> TypeGuard[Sequence[float]]:
+    # a flat list/tuple of Python numbers: the batch-of-one fast path applies
+    return isinstance(values, list | tuple) and all(
+        isinstance(v, int | float) and not isinstance(v, bool) for v in values
+    )
 
 
 class BranchyNet(nn.Module):
@@ -117,9 +124,11 @@ class BranchyNet(nn.Module):
         """
         n = x.shape[0]
         last = self.num_exits - 1
+        if n == 1 and _plain_numbers(thresholds):
+            return self._early_exit_one(x, thresholds_for_one(thresholds, num_early_exits=last))
         t = threshold_matrix(thresholds, batch_size=n, num_early_exits=last, device=x.device)
         if n == 1:
-            return self._early_exit_one(x, t)
+            return self._early_exit_one(x, t[0].tolist())
 
         logits = torch.empty((n, self.num_classes), dtype=torch.float32, device=x.device)
         exit_index = torch.full((n,), last, dtype=torch.int64, device=x.device)
@@ -148,11 +157,10 @@ class BranchyNet(nn.Module):
                 h, alive, t = h[stay], alive[stay], t[stay]
         return ExitResult(logits, exit_index, entropy)
 
-    def _early_exit_one(self, x: Tensor, t: Tensor) -> ExitResult:
+    def _early_exit_one(self, x: Tensor, thresholds: list[float]) -> ExitResult:
         # Batch of one: no compaction bookkeeping, one scalar decision per exit. On a
         # CPU a tiny net's time is mostly per-operator overhead, so this path matters.
         last = self.num_exits - 1
-        thresholds = t[0].tolist()
         h = x
         for i, (stage, head) in enumerate(zip(self.stages, self.heads, strict=True)):
             h = stage(h)

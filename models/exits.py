@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import array
 import math
 from collections.abc import Sequence
 
@@ -69,3 +70,23 @@ def threshold_matrix(
     if torch.isnan(t).any():
         raise ValueError("thresholds must not be NaN")
     return t.to(device)
+
+
+def thresholds_for_one(thresholds: Sequence[float], *, num_early_exits: int) -> list[float]:
+    """:func:`threshold_matrix` for a batch of one given as plain numbers.
+
+    Same checks and the same float32 rounding, but without building a tensor: on a CPU
+    that costs more than a tiny network's whole exit head, and batch-1 latency is what
+    early exits are for.
+
+    Raises:
+        ValueError: wrong count, or a NaN threshold.
+    """
+    if len(thresholds) != num_early_exits:
+        raise ValueError(
+            f"expected {num_early_exits} threshold(s), one per early exit; got {len(thresholds)}"
+        )
+    values = array.array("f", thresholds).tolist()  # float32 rounding, as in the tensor path
+    if any(math.isnan(v) for v in values):
+        raise ValueError("thresholds must not be NaN")
+    return values
