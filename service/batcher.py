@@ -102,6 +102,7 @@ class Engine:
         self.device = device
         self.model = checkpoint.model.to(device).eval()
         self.half = half_precision and device.type == "cuda"
+        self._pinned_buffer: Tensor | None = None
         if self.half:
             self.model.half()
         if compile and device.type == "cuda":
@@ -114,6 +115,12 @@ class Engine:
     def num_exits(self) -> int:
         return self.model.num_exits
 
+    def _pinned(self, shape: torch.Size) -> Tensor:
+        n = shape[0]
+        if self._pinned_buffer is None or self._pinned_buffer.shape[0] < n:
+            self._pinned_buffer = torch.empty(shape, dtype=torch.float32).pin_memory()
+        return self._pinned_buffer[:n]
+
     def run(self, x: Tensor, thresholds: Tensor) -> BatchOutput:
         """Classify a CPU batch.
 
@@ -123,8 +130,12 @@ class Engine:
         """
         with torch.inference_mode():
             if self.device.type == "cuda":
-                # Pinned pages let the copy run asynchronously with the host.
-                x = x.pin_memory().to(self.device, non_blocking=True)
+                # Staged through a reused page-locked buffer so the copy to the GPU runs
+                # asynchronously; the buffer is free again by the next batch, because
+                # each batch ends by copying its results back (a synchronisation).
+                staged = self._pinned(x.shape)
+                staged.copy_(x)
+                x = staged.to(self.device, non_blocking=True)
                 thresholds = thresholds.to(self.device, non_blocking=True)
             if self.half:
                 x = x.half()
