@@ -81,7 +81,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--images-per-request", type=int, nargs="+", default=[1, 16])
     g.add_argument("--duration", type=float, default=10.0, help="measured seconds per cell")
     g.add_argument("--rounds", type=int, default=3, help="interleaved rounds the time is split in")
-    g.add_argument("--max-requests", type=int, default=100_000, help="requests per cell and round at most")
+    g.add_argument(
+        "--max-requests", type=int, default=100_000, help="requests per cell and round at most"
+    )
     g.add_argument("--warmup", type=float, default=1.0, help="seconds of unmeasured load first")
     g.add_argument("--images", type=int, default=512, help="distinct test images to cycle")
     g.add_argument(
@@ -144,23 +146,29 @@ def multipart(images: list[bytes]) -> tuple[bytes, str]:
 # --------------------------------------------------------------------------- thresholds
 
 
-def calibrated_thresholds(ckpt: Checkpoint, tolerance: float) -> tuple[list[float], str]:
-    """The checkpoint's thresholds when it has non-zero ones, else chosen from its
-    calibration data, else (an untrained net) quantiles that make exits share the work."""
+def calibrated_thresholds(
+    ckpt: Checkpoint, images: list[bytes], tolerance: float
+) -> tuple[list[float], str]:
+    """The checkpoint's own thresholds when non-zero; else chosen from its calibration
+    data for ``tolerance``; for an untrained checkpoint (no metrics), thresholds that
+    send about half of the benchmark images out at each early exit, which exercises the
+    serving mechanics but says nothing about accuracy."""
     if any(t > 0 for t in ckpt.thresholds):
         return list(ckpt.thresholds), "the checkpoint's"
-    if ckpt.calibration is not None:
+    if ckpt.calibration is not None and ckpt.metrics:
         point = choose_thresholds(ckpt.calibration, ckpt.model.exit_macs(), tolerance=tolerance)
-        if any(t > 0 for t in point.thresholds):
-            return list(point.thresholds), f"chosen for tolerance {tolerance}"
-        entropy = ckpt.calibration.entropy
-    else:
-        entropy = None
-    if entropy is None:
-        return [0.0] * (ckpt.model.num_exits - 1), "none available (0)"
-    # Untrained network: let about half the images leave at exit 0, a quarter at exit 1.
-    qs = [0.5] + [0.5] * (ckpt.model.num_exits - 2)
-    return [float(torch.quantile(entropy[:, i], q)) for i, q in enumerate(qs)], "entropy medians"
+        return list(point.thresholds), f"chosen on the calibration data for tolerance {tolerance}"
+    from models import entropy_from_logits
+
+    xs = torch.stack([preprocess(b, ckpt.input_spec, max_pixels=1 << 24) for b in images])
+    with torch.inference_mode():
+        entropy = torch.stack([entropy_from_logits(z) for z in ckpt.model(xs)], dim=1)
+    thresholds, alive = [], torch.ones(len(xs), dtype=torch.bool)
+    for i in range(ckpt.model.num_exits - 1):
+        t = float(entropy[alive, i].median())
+        thresholds.append(t)
+        alive &= ~(entropy[:, i] < t)
+    return thresholds, "untrained network: per-exit medians on the benchmark images"
 
 
 # --------------------------------------------------------------------------- in-process
@@ -389,7 +397,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     ckpt = load_checkpoint(model_dir)
     name = model_dir.name
     images, source = test_images(ckpt, args.images)
-    calibrated, how = calibrated_thresholds(ckpt, args.tolerance)
+    calibrated, how = calibrated_thresholds(ckpt, images, args.tolerance)
     settings = {"calibrated": calibrated, "none": [0.0] * (ckpt.model.num_exits - 1)}
     logger.info(
         "model %s (%s), %d images: %s; calibrated thresholds %s (%s)",
