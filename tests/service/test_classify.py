@@ -14,8 +14,17 @@ from fastapi.testclient import TestClient
 import service.app
 from models import load_checkpoint
 from service.app import create_app
+from service.preprocess import normalise
 from service.settings import Settings
-from tests.service.conftest import CIFAR, MNIST, encode, offline_input, random_pixels, wait_ready
+from tests.service.conftest import (
+    CIFAR,
+    MNIST,
+    ROOT,
+    encode,
+    offline_input,
+    random_pixels,
+    wait_ready,
+)
 
 
 def _multipart(
@@ -208,3 +217,29 @@ def test_readyz_before_and_after_load(
         release.set()
         wait_ready(client)
         assert client.get("/readyz").json()["models"] == ["b-alexnet", "b-lenet"]
+
+
+CIFAR_TEST = ROOT.parent / "shared" / "data" / "cifar10" / "test"
+
+
+@pytest.mark.skipif(not CIFAR_TEST.is_dir(), reason="CIFAR-10 test images not available")
+def test_cifar_test_jpegs_get_the_offline_answer(app_client: TestClient, model_repo: Path) -> None:
+    """The test set's own JPEG files: decoded by the server as the training code decodes
+    them for offline evaluation (torchvision), so the answers are the same."""
+    from torchvision.io import ImageReadMode, decode_jpeg, read_file
+
+    files = sorted(CIFAR_TEST.glob("*/*.jpg"))[::1000]  # one per class
+    pixels = torch.stack(
+        [decode_jpeg(read_file(str(f)), mode=ImageReadMode.RGB) for f in files]
+    )  # (B, 3, 32, 32) uint8, as training/data.py decodes them
+    ckpt = load_checkpoint(model_repo / "b-alexnet")
+    offline = ckpt.model.early_exit(normalise(pixels, CIFAR), [float("inf"), 0.0])
+    resp = app_client.post(
+        "/v1/models/b-alexnet/classify",
+        files=[("images", (f.name, f.read_bytes(), "image/jpeg")) for f in files],
+        params={"thresholds": "inf,0"},
+    )
+    assert resp.status_code == 200, resp.text
+    results = resp.json()["results"]
+    assert [r["class_index"] for r in results] == offline.prediction.tolist()
+    np.testing.assert_allclose([r["entropy"] for r in results], offline.entropy.numpy(), atol=1e-5)
