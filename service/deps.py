@@ -7,6 +7,7 @@ import secrets
 from typing import Annotated
 
 from fastapi import Depends, Path, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from service.errors import AdminDisabled, ModelNotFound, NotReady, Unauthorized
 from service.metrics import Metrics
@@ -41,20 +42,26 @@ def get_model(request: Request, name: Annotated[str, MODEL_NAME]) -> ServedModel
     raise ModelNotFound(f"no model named {name[:128]!r}; models: {known}")
 
 
-def require_admin(request: Request) -> None:
+_bearer = HTTPBearer(
+    auto_error=False, description="The server's BRANCHY_ADMIN_TOKEN.", scheme_name="admin"
+)
+
+
+def require_admin(
+    request: Request,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> None:
     """Admin routes: a bearer token compared in constant time; off without a token."""
     settings: Settings = request.app.state.settings
     if settings.admin_token is None:
         raise AdminDisabled("admin routes are off: the server has no BRANCHY_ADMIN_TOKEN")
-    header = request.headers.get("authorization", "")
-    scheme, _, given = header.partition(" ")
+    given = credentials.credentials.encode() if credentials is not None else b""
     expected = settings.admin_token.get_secret_value().encode()
     # compare_digest on bytes: constant time whatever the length or characters sent.
-    ok = scheme.lower() == "bearer" and secrets.compare_digest(given.strip().encode(), expected)
-    if not ok:
+    if credentials is None or not secrets.compare_digest(given, expected):
         # Never log the header: a near-miss token is still a secret.
         logger.warning("admin request %s %s refused: %s", request.method, request.url.path,
-                       "missing token" if not header else "wrong token")  # fmt: skip
+                       "missing token" if credentials is None else "wrong token")  # fmt: skip
         raise Unauthorized("admin routes need 'Authorization: Bearer <token>' with the right token")
 
 
