@@ -331,7 +331,7 @@ class SpawnedServer:
             }
         )
         if args.torch_threads:
-            env["OMP_NUM_THREADS"] = str(args.torch_threads)
+            env["BRANCHY_TORCH_THREADS"] = str(args.torch_threads)
         self.log = open(self.tmp / "server.log", "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "service"],

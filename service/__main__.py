@@ -7,6 +7,7 @@ import signal
 import sys
 from types import FrameType
 
+import torch
 import uvicorn
 from pydantic import ValidationError
 
@@ -45,6 +46,8 @@ def main() -> None:
         level=settings.log_level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)  # process-wide, hence here
     app = create_app(settings)
     uvicorn.run(
         app,

@@ -46,6 +46,10 @@ class Settings(BaseSettings):
         allow_request_thresholds: whether a request may carry its own thresholds.
         half_precision: run the model in float16 (CUDA only).
         compile: wrap stages and heads in ``torch.compile`` (CUDA only).
+        torch_threads: intra-op threads of torch in the server process (0 = torch's default,
+            one per core). On a small or shared machine 1 can be much faster: the event
+            loop and image decoding need a core too, and a parallel region whose threads
+            are descheduled waits for the slowest.
         warmup_batches: batches run per model at start-up before ``/readyz`` turns 200.
         graceful_shutdown_s: how long SIGTERM waits for accepted requests to finish.
         log_level: Python logging level name.
@@ -72,6 +76,7 @@ class Settings(BaseSettings):
     allow_request_thresholds: bool = True
     half_precision: bool = False
     compile: bool = False
+    torch_threads: int = Field(default=0, ge=0, le=1024)
     warmup_batches: int = Field(default=2, ge=0, le=100)
     graceful_shutdown_s: float = Field(default=30.0, gt=0)
     log_level: str = "INFO"
