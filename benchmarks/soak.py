@@ -233,13 +233,16 @@ class Load:
         change.ack = time.monotonic()
 
     async def _admin(self, client: httpx.AsyncClient, end: float) -> None:
-        k = 0
+        # On a fixed schedule (t0 + 1 s, t0 + 2 s, ...), whatever each PUT's latency.
+        step = 0
         while True:
-            await asyncio.sleep(self.args.change_every)
+            step += 1
+            await asyncio.sleep(
+                max(0.0, self.t0 + step * self.args.change_every - time.monotonic())
+            )
             if time.monotonic() >= end:
                 return
-            k = (k + 1) % len(self.plan.settings)
-            await self._put(client, k)
+            await self._put(client, step % len(self.plan.settings))
 
     async def _sample_rss(self, end: float) -> None:
         while time.monotonic() < end:

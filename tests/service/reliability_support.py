@@ -384,3 +384,170 @@ def assert_error(resp: httpx.Response, status: int, codes: str | Sequence[str]) 
     err = error_of(resp)
     assert err["code"] in allowed, f"expected code in {sorted(allowed)}, got {err}"
     return err
+
+
+# --------------------------------------------------------------------------- schemathesis
+
+
+@dataclass
+class FuzzReport:
+    """What one schemathesis run saw.
+
+    Attributes:
+        operations: ``METHOD /path`` of every operation fuzzed.
+        cases: requests sent.
+        statuses: how many answers of each status.
+        failures: broken promises (a 5xx, a transport error, an error that is not the
+            contract's JSON shape), with a curl line to reproduce each.
+        conformance: answers that disagree with the OpenAPI document (undocumented status,
+            body not matching the documented schema): reported, not failures.
+    """
+
+    operations: list[str]
+    cases: int
+    statuses: dict[str, int]
+    failures: list[dict[str, str]]
+    conformance: dict[str, int]
+
+
+def check_answer(status: int, headers: Mapping[str, Any], body: bytes) -> str | None:
+    """The promise every answer keeps, whatever was sent: no 5xx, and every error in the
+    contract's JSON shape. Returns what is wrong, or None."""
+    if status >= 500:
+        return f"server error {status}: {body[:200]!r}"
+    if status >= 400:
+        ctype = headers.get("content-type") or headers.get("Content-Type") or ""
+        if isinstance(ctype, list):  # schemathesis keeps every value of a header
+            ctype = ctype[0] if ctype else ""
+        if not ctype.startswith("application/json"):
+            return f"{status} answer is not JSON: {body[:200]!r}"
+        try:
+            import json
+
+            err = json.loads(body)["error"]
+            assert err["status"] == status and err["code"] and err["message"]
+        except (ValueError, KeyError, TypeError, AssertionError):
+            return f"{status} answer is not the contract's error shape: {body[:200]!r}"
+    return None
+
+
+def fuzz_openapi(
+    base_url: str,
+    *,
+    max_examples: int,
+    seed: int = 0,
+    token: str | None = None,
+    model: str | None = None,
+    modes: Sequence[str] = ("positive", "negative"),
+    timeout_s: float = 30.0,
+) -> FuzzReport:
+    """Schemathesis over every operation of a running server's OpenAPI document.
+
+    Each operation is fuzzed in each generation mode (``positive``: data that fits the
+    schema; ``negative``: data that does not), once with generated path parameters and,
+    when ``model`` is given, once with ``{name}`` fixed to a served model (otherwise
+    almost every case would stop at 404 before reaching the body parsers).
+
+    Args:
+        base_url: ``http://127.0.0.1:PORT``.
+        max_examples: hypothesis examples per operation, mode and name choice.
+        seed: hypothesis seed (runs repeat exactly).
+        token: admin bearer token, sent with every request (admin routes get fuzzed too).
+        model: a served model name.
+        modes: generation modes.
+        timeout_s: per request; a request that takes longer is a failure ("hangs").
+    """
+    import schemathesis
+    from schemathesis import GenerationMode
+
+    schema = schemathesis.openapi.from_url(f"{base_url}/openapi.json")
+    fuzzer = _Fuzzer(base_url, token, timeout_s)
+    report = FuzzReport([], 0, {}, [], {})
+    for result in schema.get_all_operations():
+        op = result.ok()
+        label = f"{op.method.upper()} {op.path}"
+        report.operations.append(label)
+        fixed: list[dict[str, Any] | None] = [None]
+        if model is not None and "{name}" in op.path:
+            fixed.append({"name": model})
+        for mode in modes:
+            for path_parameters in fixed:
+                strategy = op.as_strategy(
+                    generation_mode=GenerationMode(mode), path_parameters=path_parameters
+                )
+                fuzzer.run(label, strategy, report, max_examples=max_examples, seed=seed)
+    return report
+
+
+class _Fuzzer:
+    """Sends schemathesis cases and records what comes back."""
+
+    def __init__(self, base_url: str, token: str | None, timeout_s: float) -> None:
+        import requests
+        from schemathesis.specs.openapi import checks as oas_checks
+
+        self.base_url = base_url
+        self.headers = {"authorization": f"Bearer {token}"} if token else {}
+        self.timeout_s = timeout_s
+        self.session = requests.Session()
+        self.conformance_checks = [
+            oas_checks.status_code_conformance,
+            oas_checks.content_type_conformance,
+            oas_checks.response_schema_conformance,
+        ]
+
+    def run(
+        self, label: str, strategy: Any, report: FuzzReport, *, max_examples: int, seed: int
+    ) -> None:
+        from hypothesis import HealthCheck, Phase, given, settings
+        from hypothesis import seed as hypothesis_seed
+        from hypothesis.errors import Unsatisfiable
+
+        @hypothesis_seed(seed)
+        @settings(
+            max_examples=max_examples,
+            deadline=None,
+            database=None,
+            phases=[Phase.explicit, Phase.generate],  # no shrinking: every case is recorded
+            suppress_health_check=list(HealthCheck),
+        )
+        @given(case=strategy)
+        def one(case: Any) -> None:
+            self.send(label, case, report)
+
+        # No negative data exists for an operation without parameters: nothing to send.
+        with contextlib.suppress(Unsatisfiable):
+            one()
+
+    def send(self, label: str, case: Any, report: FuzzReport) -> None:
+        import requests
+
+        report.cases += 1
+        try:
+            resp = case.call(
+                base_url=self.base_url,
+                session=self.session,
+                headers=self.headers,
+                timeout=self.timeout_s,
+            )
+        except requests.RequestException as exc:
+            self._fail(label, case, report, f"transport: {exc!r}"[:300])
+            return
+        code = str(resp.status_code)
+        report.statuses[code] = report.statuses.get(code, 0) + 1
+        problem = check_answer(resp.status_code, resp.headers, resp.content)
+        if problem:
+            self._fail(label, case, report, problem)
+        try:
+            case.validate_response(resp, checks=self.conformance_checks)
+        except BaseExceptionGroup as group:  # schemathesis' FailureGroup of check failures
+            for exc in group.exceptions:
+                key = f"{label} {resp.status_code}: {getattr(exc, 'title', type(exc).__name__)}"
+                report.conformance[key] = report.conformance.get(key, 0) + 1
+
+    def _fail(self, label: str, case: Any, report: FuzzReport, problem: str) -> None:
+        try:
+            curl = case.as_curl_command(headers=self.headers)
+        except Exception:
+            curl = repr(case)[:300]
+        report.failures.append({"operation": label, "problem": problem, "reproduce": curl})

@@ -13,8 +13,10 @@
 from __future__ import annotations
 
 import io
+import json
 import struct
 import zlib
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -27,6 +29,8 @@ from models import InputSpec
 from service.errors import BadImage, PayloadTooLarge, ServiceError
 from service.preprocess import preprocess
 from tests.service import badimages as bad
+from tests.service.conftest import TOKEN, ServerProcess
+from tests.service.reliability_support import fuzz_openapi
 
 GREY_SPEC = InputSpec(channels=1, height=28, width=28, mean=(0.1307,), std=(0.3081,))
 RGB_SPEC = InputSpec(
@@ -169,3 +173,31 @@ def test_png_chunk_helper_writes_valid_crcs() -> None:
     img.load()
     assert img.size == (4, 3) and img.getpixel((0, 2)) == (20, 20, 20)
     assert struct.unpack(">I", data[16:20])[0] == 4
+
+
+# --------------------------------------------------------------------------- schemathesis
+
+
+def test_schemathesis_against_the_openapi_document(
+    start_server: Callable[..., ServerProcess],
+) -> None:
+    """Bounded: a few examples per operation, mode and name choice (a few seconds).
+    ``python benchmarks/fuzz.py`` runs 200 of each."""
+    server = start_server({"BRANCHY_ADMIN_TOKEN": TOKEN})
+    report = fuzz_openapi(
+        server.base_url, max_examples=2, seed=0, token=TOKEN, model="b-lenet", timeout_s=30
+    )
+    assert not report.failures, json.dumps(report.failures[:5], indent=1)
+    # Every route of the document was exercised, and both kinds of answers were seen.
+    for route in (
+        "POST /v1/models/{name}/classify",
+        "POST /v2/models/{name}/infer",
+        "PUT /admin/models/{name}/thresholds",
+        "POST /admin/models/{name}/reload",
+    ):
+        assert route in report.operations, report.operations
+    assert report.cases >= 2 * len(report.operations)
+    assert any(s.startswith("2") for s in report.statuses), report.statuses
+    assert any(s.startswith("4") for s in report.statuses), report.statuses
+    assert server.proc.poll() is None, "the server died"
+    assert "Traceback" not in server.log(), server.log()[-3000:]
