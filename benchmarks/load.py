@@ -66,6 +66,13 @@ def get_args_parser() -> argparse.ArgumentParser:
         default=ROOT / "zoo" / "b-alexnet",
         help="checkpoint folder (default zoo/b-alexnet)",
     )
+    g.add_argument(
+        "--fresh",
+        metavar="ARCH",
+        default=None,
+        help="benchmark a freshly initialised network of this architecture (e.g. "
+        "b-alexnet) instead of --model-dir, when no trained checkpoint exists",
+    )
     g.add_argument("--url", default=None, help="use a running server instead of starting one")
     g.add_argument("--admin-token", default=None, help="admin token of --url's server")
     g.add_argument("--max-batch-size", type=int, default=64)
@@ -91,6 +98,14 @@ def get_args_parser() -> argparse.ArgumentParser:
         type=float,
         default=0.01,
         help="accuracy tolerance for the calibrated thresholds when the checkpoint's own are all 0",
+    )
+    g.add_argument(
+        "--untrained-shares",
+        type=float,
+        nargs="+",
+        default=[0.5165, 0.4656],
+        help="for an untrained checkpoint: share of images leaving at each early "
+        "exit (default: the seed's B-AlexNet, 51.65%% and 46.56%%)",
     )
     g = p.add_argument_group("output")
     g.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "load.json")
@@ -143,16 +158,34 @@ def multipart(images: list[bytes]) -> tuple[bytes, str]:
     return b"".join(parts), f"multipart/form-data; boundary={boundary}"
 
 
+def fresh_checkpoint(arch: str) -> Path:
+    """A freshly initialised checkpoint (seed 0) in a temporary folder named ``arch``."""
+    from models import InputSpec, build_model, save_checkpoint
+
+    torch.manual_seed(0)
+    model = build_model(arch).eval()
+    c, h, w = model.input_shape
+    # CIFAR-10 / MNIST statistics: only the input normalisation, not the weights, matter.
+    mean, std = (
+        ((0.4914, 0.4822, 0.4465), (0.247, 0.2435, 0.2616)) if c == 3 else ((0.1307,), (0.3081,))
+    )
+    spec = InputSpec(channels=c, height=h, width=w, mean=mean, std=std)
+    names = [str(i) for i in range(model.num_classes)]
+    folder = Path(tempfile.mkdtemp(prefix="branchy-fresh-")) / arch
+    return save_checkpoint(folder, model, class_names=names, input_spec=spec)
+
+
 # --------------------------------------------------------------------------- thresholds
 
 
 def calibrated_thresholds(
-    ckpt: Checkpoint, images: list[bytes], tolerance: float
+    ckpt: Checkpoint, images: list[bytes], tolerance: float, shares: list[float]
 ) -> tuple[list[float], str]:
     """The checkpoint's own thresholds when non-zero; else chosen from its calibration
     data for ``tolerance``; for an untrained checkpoint (no metrics), thresholds that
-    send about half of the benchmark images out at each early exit, which exercises the
-    serving mechanics but says nothing about accuracy."""
+    send the share ``shares[i]`` of the benchmark images out at early exit ``i``. The
+    cost of a batch depends only on the architecture and how many images leave where,
+    so this measures serving faithfully; it says nothing about accuracy."""
     if any(t > 0 for t in ckpt.thresholds):
         return list(ckpt.thresholds), "the checkpoint's"
     if ckpt.calibration is not None and ckpt.metrics:
@@ -163,12 +196,17 @@ def calibrated_thresholds(
     xs = torch.stack([preprocess(b, ckpt.input_spec, max_pixels=1 << 24) for b in images])
     with torch.inference_mode():
         entropy = torch.stack([entropy_from_logits(z) for z in ckpt.model(xs)], dim=1)
-    thresholds, alive = [], torch.ones(len(xs), dtype=torch.bool)
+    thresholds, alive, left = [], torch.ones(len(xs), dtype=torch.bool), 1.0
     for i in range(ckpt.model.num_exits - 1):
-        t = float(entropy[alive, i].median())
+        share = shares[i] if i < len(shares) else 0.5 * left
+        q = min(1.0, share / left) if left > 0 else 0.0
+        t = float(torch.quantile(entropy[alive, i].double(), q)) if alive.any() else 0.0
         thresholds.append(t)
         alive &= ~(entropy[:, i] < t)
-    return thresholds, "untrained network: per-exit medians on the benchmark images"
+        left -= share
+    return thresholds, (
+        f"untrained network: entropy quantiles of the benchmark images for exit shares {shares}"
+    )
 
 
 # --------------------------------------------------------------------------- in-process
@@ -392,12 +430,17 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
     model_dir = args.model_dir
+    if args.fresh:
+        model_dir = fresh_checkpoint(args.fresh)
     if not (model_dir / "manifest.json").is_file():
-        raise SystemExit(f"{model_dir} is not a checkpoint folder (no manifest.json)")
+        raise SystemExit(
+            f"{model_dir} is not a checkpoint folder (no manifest.json); train one, or "
+            "measure an untrained network with --fresh b-alexnet"
+        )
     ckpt = load_checkpoint(model_dir)
     name = model_dir.name
     images, source = test_images(ckpt, args.images)
-    calibrated, how = calibrated_thresholds(ckpt, images, args.tolerance)
+    calibrated, how = calibrated_thresholds(ckpt, images, args.tolerance, args.untrained_shares)
     settings = {"calibrated": calibrated, "none": [0.0] * (ckpt.model.num_exits - 1)}
     logger.info(
         "model %s (%s), %d images: %s; calibrated thresholds %s (%s)",
@@ -420,6 +463,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             "cuda": torch.cuda.is_available(),
         },
         "model": {
+            "fresh": bool(args.fresh),
             "name": name,
             "architecture": ckpt.model.name,
             "dir": str(model_dir),
