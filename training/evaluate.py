@@ -89,6 +89,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="CPU threads for batch-1 latency (1 avoids per-op thread overhead)")  # fmt: skip
     g.add_argument("--throughput-threads", type=int, default=None,
                    help="CPU threads for batch-256 throughput (default: torch's)")  # fmt: skip
+    g.add_argument("--latency-onednn", choices=("on", "off"), default="on",
+                   help="oneDNN (mkldnn) kernels for batch-1 latency; off can win for tiny nets")  # fmt: skip
+    g.add_argument("--throughput-onednn", choices=("on", "off"), default="on",
+                   help="oneDNN (mkldnn) kernels for batch throughput")  # fmt: skip
     g.add_argument("--latency-samples", type=int, default=None,
                    help="time only the first N test images at batch 1 (default: all)")  # fmt: skip
     g.add_argument("--batch-size", type=int, default=256, help="throughput batch size")
@@ -151,12 +155,14 @@ def measure(
     try:
         if cpu:
             torch.set_num_threads(args.latency_threads)
-        lat = timing.latency_batch1(model, x[:n_lat], thresholds)
+        with torch.backends.mkldnn.flags(enabled=args.latency_onednn == "on"):
+            lat = timing.latency_batch1(model, x[:n_lat], thresholds)
         if cpu:
             torch.set_num_threads(args.throughput_threads or threads)
-        tput = timing.throughput(
-            model, x, thresholds, batch_size=args.batch_size, repeats=args.repeats
-        )
+        with torch.backends.mkldnn.flags(enabled=args.throughput_onednn == "on"):
+            tput = timing.throughput(
+                model, x, thresholds, batch_size=args.batch_size, repeats=args.repeats
+            )
         # accuracy and exits of the engine itself over the whole test split
         result = (
             model.early_exit(x, thresholds)
@@ -287,6 +293,8 @@ def build_report(
         "git_commit": git_commit(),
         "device": args.device,
         "latency_threads": args.latency_threads,
+        "latency_onednn": args.latency_onednn,
+        "throughput_onednn": args.throughput_onednn,
         "throughput_threads": args.throughput_threads or torch.get_num_threads(),
         "batch_size": args.batch_size,
         "machine": machine_info(),
@@ -336,9 +344,10 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"Test split: {report['test_samples']} images. Device: {report['device']} "
         f"({report['machine']['processor']}, {report['machine']['cpu_count']} CPUs"
         f"{', ' + report['machine']['gpu'] if 'gpu' in report['machine'] else ''}); "
-        f"batch-1 latency with {report['latency_threads']} thread(s), median over the test "
-        f"split; throughput at batch {report['batch_size']} with "
-        f"{report['throughput_threads']} thread(s). Whole path: input tensor on the device "
+        f"batch-1 latency with {report['latency_threads']} thread(s) and oneDNN "
+        f"{report['latency_onednn']}, median over the test split; throughput at batch "
+        f"{report['batch_size']} with {report['throughput_threads']} thread(s) and oneDNN "
+        f"{report['throughput_onednn']}. Whole path: input tensor on the device "
         "to predicted class on the host, heads, entropies and exit decisions included.",
         "",
         "| Network | Acc (%) | Time (ms) | Gain | Thresholds | Exit (%) | Throughput (img/s) "

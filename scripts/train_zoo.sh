@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The exact commands that produced the committed model zoo (zoo/<name>/) and its reports
+# (reports/<name>/), on the project's 2-core CPU machine (no GPU). See docs/training.md.
+#
+#   bash scripts/train_zoo.sh            # everything (about 2 h on 2 cores)
+#   bash scripts/train_zoo.sh mnist      # LeNet + B-LeNet only (about 10 min)
+#   bash scripts/train_zoo.sh cifar      # AlexNet + B-AlexNet only
+#
+# Data: $BRANCHY_DATA_DIR (default ../shared/data here). Each training runs on one
+# thread: on this shared 2-core machine two single-threaded runs side by side finish
+# sooner than two-threaded ones that fight over the cores.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export BRANCHY_DATA_DIR="${BRANCHY_DATA_DIR:-$(cd .. && pwd)/shared/data}"
+PY="${PY:-.venv/bin/python}"
+what="${1:-all}"
+mkdir -p runs
+
+train() {  # name, then training arguments; logs to runs/<name>.log
+    local name="$1"; shift
+    nice -n 5 "$PY" -m training.train --threads 1 --no-progress --out "zoo/$name" "$@" \
+        >"runs/$name.log" 2>&1
+}
+
+if [[ "$what" == all || "$what" == mnist ]]; then
+    train lenet --model lenet --dataset mnist --epochs 20 --batch-size 128 \
+        --optimizer adam --lr 1e-3 --schedule cosine &
+    train b-lenet --model b-lenet --dataset mnist --epochs 20 --batch-size 128 \
+        --optimizer adam --lr 1e-3 --schedule cosine --tolerance 0.001 &
+    wait
+    "$PY" -m training.evaluate --checkpoint zoo/b-lenet --baseline zoo/lenet --out reports/b-lenet
+fi
+
+if [[ "$what" == all || "$what" == cifar ]]; then
+    cifar=(--dataset cifar10 --epochs 16 --batch-size 256 --optimizer adam --lr 1e-3
+           --schedule cosine --warmup-epochs 1 --augment)
+    train alexnet --model alexnet "${cifar[@]}" &
+    train b-alexnet --model b-alexnet "${cifar[@]}" --tolerance 0.005 &
+    wait
+    "$PY" -m training.evaluate --checkpoint zoo/b-alexnet --baseline zoo/alexnet \
+        --out reports/b-alexnet
+fi
