@@ -547,7 +547,11 @@ def main(args: argparse.Namespace | None = None) -> Path | None:
         scheduler.load_state_dict(state["scheduler"])
         start_epoch, history = int(state["epoch"]), list(state["history"])
         train_seconds = float(state["train_seconds"])
-        log.info("resumed from %s after epoch %d", state_path, start_epoch)
+        if start_epoch > args.epochs:
+            raise ValueError(f"--resume: {state_path} has {start_epoch} epochs, more than --epochs")
+        # A different --epochs on resume re-spans the schedule from the current step to
+        # the new end (e.g. to finish sooner); the step count itself is restored.
+        log.info("resumed from %s after epoch %d of %d", state_path, start_epoch, args.epochs)
 
     train_model: nn.Module = model
     if info.world_size > 1:
