@@ -20,7 +20,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -440,6 +440,7 @@ def fuzz_openapi(
     model: str | None = None,
     modes: Sequence[str] = ("positive", "negative"),
     timeout_s: float = 30.0,
+    include: Callable[[str], bool] | None = None,
 ) -> FuzzReport:
     """Schemathesis over every operation of a running server's OpenAPI document.
 
@@ -456,6 +457,7 @@ def fuzz_openapi(
         model: a served model name.
         modes: generation modes.
         timeout_s: per request; a request that takes longer is a failure ("hangs").
+        include: fuzz only the operations whose ``METHOD /path`` label it accepts.
     """
     import schemathesis
     from schemathesis import GenerationMode
@@ -466,6 +468,8 @@ def fuzz_openapi(
     for result in schema.get_all_operations():
         op = result.ok()
         label = f"{op.method.upper()} {op.path}"
+        if include is not None and not include(label):
+            continue
         report.operations.append(label)
         fixed: list[dict[str, Any] | None] = [None]
         if model is not None and "{name}" in op.path:

@@ -245,6 +245,7 @@ def test_reload_with_a_damaged_or_missing_checkpoint_keeps_the_old_model(
 # --------------------------------------------------------------------------- state
 
 
+@pytest.mark.slow  # a second server start; tests/service/test_admin.py restarts in-process
 def test_thresholds_survive_a_real_restart(faulty: Faulty, client: httpx.Client) -> None:
     put = client.put("/admin/models/b-lenet/thresholds", headers=AUTH, json={"thresholds": [0.123]})
     assert put.status_code == 200, put.text
@@ -303,7 +304,7 @@ def test_damaged_state_file_is_reported_and_ignored(
     caplog.set_level(logging.INFO)
     with TestClient(create_app(settings)) as client:
         # Start-up completes: ready within seconds, not never.
-        deadline = time.monotonic() + 4
+        deadline = time.monotonic() + 2  # an in-process start takes ~0.1 s
         while client.get("/readyz").status_code != 200:
             assert time.monotonic() < deadline, f"never ready:\n{caplog.text[-2000:]}"
             time.sleep(0.02)

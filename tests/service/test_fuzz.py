@@ -185,7 +185,14 @@ def test_schemathesis_against_the_openapi_document(
     ``python benchmarks/fuzz.py`` runs 200 of each."""
     server = start_server({"BRANCHY_ADMIN_TOKEN": TOKEN})
     report = fuzz_openapi(
-        server.base_url, max_examples=2, seed=0, token=TOKEN, model="b-lenet", timeout_s=30
+        server.base_url,
+        max_examples=2,
+        seed=0,
+        token=TOKEN,
+        model="b-lenet",
+        timeout_s=30,
+        # Routes that take input; the parameterless ones are covered by the long run.
+        include=lambda label: "{" in label,
     )
     assert not report.failures, json.dumps(report.failures[:5], indent=1)
     # Every route of the document was exercised, and both kinds of answers were seen.
@@ -197,6 +204,7 @@ def test_schemathesis_against_the_openapi_document(
     ):
         assert route in report.operations, report.operations
     assert report.cases >= 2 * len(report.operations)
+    assert len(report.operations) >= 10, report.operations
     assert any(s.startswith("2") for s in report.statuses), report.statuses
     assert any(s.startswith("4") for s in report.statuses), report.statuses
     assert server.proc.poll() is None, "the server died"

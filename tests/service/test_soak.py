@@ -1,6 +1,6 @@
 """Soak (issue 5): ``benchmarks/soak.py`` as a test -- a real server process, clients at
 concurrency 32 sending valid and invalid requests while the thresholds change every
-second. The default run is short (8 s of load); the full 60 s run is marked slow.
+second. The default run is short (6 s of load, under 20 s in all); the full 60 s run is marked slow.
 
 Pass criteria are the script's (see its docstring): no 5xx, every valid answer equal to
 offline ``early_exit`` under the thresholds in force, every invalid request answered with
@@ -37,11 +37,11 @@ def run_soak(tmp_path: Path, duration: float, timeout: float) -> dict:
 
 
 def test_short_soak(tmp_path: Path) -> None:
-    report = run_soak(tmp_path, duration=8, timeout=120)
+    report = run_soak(tmp_path, duration=6, timeout=120)
     # The run did what it claims: both kinds of traffic, changes, and real load.
     assert report["concurrency"] == 32
-    assert report["valid_requests"] > 100 and report["invalid_requests"] > 10
-    assert report["threshold_changes"] >= 7  # the set-up PUT + one per second
+    assert report["valid_requests"] > 50 and report["invalid_requests"] > 10
+    assert report["threshold_changes"] >= 5  # the set-up PUT + one per second
     assert report["images_answered"] == sum(report["branchy_exit_total_increase"].values())
     assert set(report["statuses"]) <= {"200", "400", "404", "413", "415", "422"}
 
