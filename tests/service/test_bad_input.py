@@ -245,3 +245,21 @@ def test_admin_rejects_malformed_bodies(admin: Callable[..., httpx.Response], bo
     assert 400 <= resp.status_code < 500, resp.text
     assert resp.status_code in (400, 422), resp.text
     error_of(resp)
+
+
+def test_streamed_body_over_the_limit_is_refused(
+    client: httpx.Client, limited_server: ServerProcess
+) -> None:
+    """No Content-Length (chunked upload): the limit is enforced while reading."""
+
+    def chunks() -> Iterator[bytes]:
+        good = bad.image_for(3, 32, 32)
+        yield good
+        for _ in range(MAX_BODY // 65536 + 2):
+            yield b"\0" * 65536
+
+    resp = client.post(
+        "/v1/models/b-alexnet/classify", content=chunks(), headers={"content-type": "image/png"}
+    )
+    assert_error(resp, 413, "payload_too_large")
+    assert_still_serving(client, limited_server)
