@@ -375,3 +375,46 @@ def test_model_names_are_looked_up_never_used_as_paths(
         assert_error(resp, 404, ("model_not_found", "not_found"))
     listed = [m["name"] for m in client.get("/v1/models").json()["models"]]
     assert listed == ["b-lenet"], listed
+
+
+def test_admin_routes_are_off_without_a_token(make_client: Callable[..., TestClient]) -> None:
+    client = make_client(models=["b-lenet"])  # no BRANCHY_ADMIN_TOKEN
+    for headers in ({}, AUTH, {"authorization": "Bearer "}):
+        for resp in (
+            client.get("/admin/models/b-lenet/thresholds", headers=headers),
+            client.put(
+                "/admin/models/b-lenet/thresholds", headers=headers, json={"thresholds": [9.0]}
+            ),
+            client.post("/admin/models/b-lenet/reload", headers=headers),
+        ):
+            assert resp.status_code == 403, resp.text
+            assert resp.json()["error"]["code"] == "admin_disabled"
+    # Nothing changed behind the refusals.
+    resp = client.post(
+        "/v1/models/b-lenet/classify",
+        content=bad.image_for(1, 28, 28),
+        headers={"content-type": "image/png"},
+    )
+    assert resp.json()["thresholds"] != [9.0]
+
+
+def test_admin_token_is_compared_in_constant_time(
+    make_client: Callable[..., TestClient], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every admin request, right or wrong, goes through ``secrets.compare_digest``."""
+    import secrets
+
+    seen: list[tuple[bytes | str, bytes | str]] = []
+    real = secrets.compare_digest
+
+    def spy(a: bytes | str, b: bytes | str) -> bool:
+        seen.append((a, b))
+        return real(a, b)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(secrets, "compare_digest", spy)
+    client = make_client(admin_token=TOKEN, models=["b-lenet"])
+    url = "/admin/models/b-lenet/thresholds"
+    assert client.get(url, headers=AUTH).status_code == 200
+    assert client.get(url, headers={"authorization": "Bearer short"}).status_code == 401
+    assert client.get(url, headers={"authorization": f"Bearer {TOKEN}x"}).status_code == 401
+    assert len(seen) >= 3
