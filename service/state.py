@@ -99,14 +99,14 @@ def load_thresholds(state_dir: Path, model: str, num_exits: int) -> SavedThresho
     path = state_file(state_dir, model)
     try:
         stat = path.stat()
-        text = path.read_text()
+        raw = path.read_bytes()
     except FileNotFoundError:
         return None
     except OSError as exc:
         logger.error("cannot read threshold state %s (ignored): %s", path, exc)
         return None
     try:
-        body = json.loads(text)
+        body = json.loads(raw.decode("utf-8"))
         if not isinstance(body, dict):
             raise ValueError("not a JSON object")
         thresholds = check_thresholds(body.get("thresholds"), num_exits)

@@ -59,15 +59,34 @@ def test_sigterm_finishes_every_accepted_request(
     threads = [threading.Thread(target=send) for _ in range(12)]
     for t in threads:
         t.start()
-    time.sleep(0.6)  # every request is accepted; 12 images need ~6 batches of 0.25 s
-    signalled = time.monotonic()
+    # Wait until the server holds all 12 images, then SIGTERM while some are still
+    # queued: those were accepted and must be answered.
+    deadline = time.monotonic() + 30
+    while True:
+        text = httpx.get(f"{server.base_url}/metrics", timeout=10).text
+        queued = _sample(text, "branchy_queue_depth", 'model="b-lenet"')
+        done = _sample(text, "branchy_exit_total", 'model="b-lenet"')
+        # while images are queued the model is busy with a batch of 2 (neither queued
+        # nor done yet), so queued + done + 2 images have reached the server
+        if queued > 0 and queued + done + 2 >= 12:
+            break
+        assert time.monotonic() < deadline, (queued, done)
+        time.sleep(0.02)
     code = server.stop(timeout=60)
     for t in threads:
         t.join(30)
     assert code == 0, server.log_path.read_text()[-2000:]
     assert [a[0] for a in answers] == [200] * 12, answers
-    assert time.monotonic() - signalled > 0.5  # work was really pending at SIGTERM
     assert "Finished server process" in server.log_path.read_text()
+
+
+def _sample(text: str, name: str, labels: str) -> float:
+    """Sum of the samples ``name{...labels...}`` in Prometheus text."""
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") and labels in line:
+            total += float(line.rsplit(" ", 1)[1])
+    return total
 
 
 def test_injected_faults_in_a_real_process(
