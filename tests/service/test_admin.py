@@ -152,12 +152,14 @@ def test_thresholds_survive_a_restart_and_a_damaged_state_file_is_ignored(
     assert state["thresholds"] == [0.25, 0.5] and state["source"] == "state"
 
     path = state_file(make_settings().state_dir, "b-alexnet")
-    for damage in (
-        "{not json",
-        json.dumps({"thresholds": [1.0]}),
-        json.dumps({"thresholds": [-1, 2]}),
-    ):
-        path.write_text(damage)
+    damages = [
+        b"{not json",
+        b"\xff\xfe not utf-8",
+        json.dumps({"thresholds": [1.0]}).encode(),
+        json.dumps({"thresholds": [-1, 2]}).encode(),
+    ]
+    for damage in damages:
+        path.write_bytes(damage)
         caplog.clear()
         third = make_client(admin_token=TOKEN)
         assert third.get(URL, headers=AUTH).json()["thresholds"] == [0.0, 0.0]
