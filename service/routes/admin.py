@@ -38,6 +38,7 @@ async def get_thresholds(model: ModelDep) -> ThresholdState:
     summary="Set thresholds explicitly, or choose them for an accuracy tolerance/target",
     responses={
         **_ERRORS,
+        400: {"description": "A body that cannot be parsed (e.g. a malformed form body)."},
         409: {"description": "No calibration data in the checkpoint (tolerance/target)."},
         422: {"description": "Invalid thresholds or unreachable target."},
     },

@@ -27,6 +27,11 @@ async def readyz(request: Request) -> dict[str, object]:
     return {"status": "ready", "models": sorted(request.app.state.models)}
 
 
-@router.get("/metrics", summary="Prometheus metrics (text exposition format)")
+@router.get(
+    "/metrics",
+    summary="Prometheus metrics (text exposition format)",
+    response_class=Response,
+    responses={200: {"description": "Prometheus text format.", "content": {"text/plain": {}}}},
+)
 async def metrics(m: MetricsDep) -> Response:
     return Response(m.render(), media_type=CONTENT_TYPE_LATEST)

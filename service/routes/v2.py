@@ -90,6 +90,12 @@ async def ready(request: Request) -> dict[str, bool]:
     return {"ready": True}
 
 
+_VERSIONED_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"description": "No such model version (only '1' exists)."},
+    404: {"description": "Unknown model."},
+}
+
+
 def _metadata(model: ServedModel) -> dict[str, Any]:
     c, h, w = model.checkpoint.input_spec.shape
     classes = len(model.checkpoint.class_names)
@@ -119,7 +125,7 @@ async def model_metadata(model: ModelDep) -> dict[str, Any]:
 
 
 @router.get("/models/{name}/versions/{version}", summary="Model metadata (versioned)",
-            responses={404: {"description": "Unknown model or version."}})  # fmt: skip
+            responses=_VERSIONED_ERRORS)  # fmt: skip
 async def model_metadata_versioned(model: ModelDep, version: _VERSION) -> dict[str, Any]:
     _check_version(version)
     return _metadata(model)
@@ -132,7 +138,7 @@ async def model_ready(model: ModelDep) -> dict[str, Any]:
 
 
 @router.get("/models/{name}/versions/{version}/ready", summary="Model readiness (versioned)",
-            responses={404: {"description": "Unknown model or version."}})  # fmt: skip
+            responses=_VERSIONED_ERRORS)  # fmt: skip
 async def model_ready_versioned(model: ModelDep, version: _VERSION) -> dict[str, Any]:
     _check_version(version)
     return {"name": model.name, "ready": model.batcher is not None}
