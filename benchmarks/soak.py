@@ -28,9 +28,13 @@ acknowledged before ``send``, or any setting whose PUT started before ``receive`
 answer must equal offline evaluation under one of these candidates; almost always there
 is only one (a request lasts milliseconds, a setting a second), and the report counts
 the requests checked against a single candidate. Images close to a decision boundary
-(an entropy within ``--margin`` of a threshold, or a top-2 logit gap under it) are left
-out of the image pool beforehand, so the check is exact and not flaky: batch composition
-may change a float's last bit, never a decision made with a margin.
+(an entropy within ``--margin`` of a threshold, relative to it, or a top-2 logit gap
+under ``--margin``) are left out of the image pool beforehand, so the check is exact and
+not flaky: batch composition may change a float's last bits, never a decision made with
+a margin.
+
+``--model-repository zoo --images mnist`` soaks the committed, trained B-LeNet with MNIST
+test digits (``--images cifar10`` for a 3x32x32 model) instead.
 """
 
 from __future__ import annotations
@@ -38,10 +42,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import gzip
 import json
 import logging
 import math
 import random
+import struct
 import sys
 import tempfile
 import time
@@ -57,6 +63,7 @@ if str(REPO_ROOT) not in sys.path:
 
 import httpx  # noqa: E402
 import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
 
 from tests.service import badimages as bad  # noqa: E402
 from tests.service.reliability_support import (  # noqa: E402
@@ -120,10 +127,25 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=float, default=None, help="seconds (default min(10, d/4))")
     p.add_argument("--change-every", type=float, default=1.0, help="seconds between changes")
     p.add_argument("--pool", type=int, default=96, help="distinct test images")
-    p.add_argument("--margin", type=float, default=1e-3, help="decision margin of the pool")
+    p.add_argument(
+        "--margin",
+        type=float,
+        default=1e-3,
+        help="decision margin of the pool (logit gap; relative for entropies)",
+    )
     p.add_argument("--max-rss-growth", type=float, default=0.10, help="allowed RSS growth")
     p.add_argument("--model-repository", type=Path, default=None)
     p.add_argument("--model", default="b-lenet", help="model name in the repository")
+    p.add_argument(
+        "--images",
+        choices=["synthetic", "mnist", "cifar10"],
+        default="synthetic",
+        help="image pool: seeded synthetic pixels, or test-split images of a data set",
+    )
+    p.add_argument(
+        "--data-root", type=Path, default=REPO_ROOT.parent / "shared" / "data",
+        help="folder holding mnist/ and cifar10/ (see its README)",
+    )  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=30.0, help="per-request client timeout")
     p.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks/results/soak.json")
@@ -150,9 +172,7 @@ class Plan:
 def make_plan(ref: OfflineReference, model: str, args: argparse.Namespace) -> Plan:
     c, h, w = ref.spec.shape
     e = ref.num_exits - 1
-    candidates = np.stack(
-        [bad.pixels(h, w, c, seed=args.seed * 100_000 + i) for i in range(args.pool * 3)]
-    )
+    candidates = load_pool(args, (c, h, w), args.pool * 3)
     ent, _ = ref.every_exit(candidates)
     # A cycle of settings that move images between exits: no early exit, then cuts at
     # several quantiles of each early exit's entropies, in the gaps between images.
@@ -171,6 +191,30 @@ def make_plan(ref: OfflineReference, model: str, args: argparse.Namespace) -> Pl
     target = bad.Target(model, c, h, w, e, max_body_bytes=1 << 20, max_images=16)
     cases = [case for case in bad.bad_requests(target) if case.name not in SKIP_BAD]
     return Plan(target, pool, [bad.png(p) for p in pool], settings, expected, cases)
+
+
+def load_pool(args: argparse.Namespace, shape: tuple[int, int, int], count: int) -> np.ndarray:
+    """``count`` candidate images ``(N, H, W, C)`` uint8 of the model's input shape."""
+    c, h, w = shape
+    if args.images == "synthetic":
+        return np.stack([bad.pixels(h, w, c, seed=args.seed * 100_000 + i) for i in range(count)])
+    if args.images == "mnist":
+        if (c, h, w) != (1, 28, 28):
+            raise SystemExit(f"--images mnist needs a 1x28x28 model; this one takes {shape}")
+        with gzip.open(args.data_root / "mnist" / "t10k-images-idx3-ubyte.gz") as f:
+            raw = f.read()
+        n, rows, cols = struct.unpack(">III", raw[4:16])  # IDX: magic, then the dimensions
+        digits = np.frombuffer(raw, dtype=np.uint8, offset=16).reshape(n, rows, cols)
+        return digits[:count, :, :, None].copy()
+    if (c, h, w) != (3, 32, 32):
+        raise SystemExit(f"--images cifar10 needs a 3x32x32 model; this one takes {shape}")
+    files = sorted((args.data_root / "cifar10" / "test").glob("*/*.jpg"))
+    # Every class, in turn: the first files of each class folder interleaved.
+    by_class: dict[str, list[Path]] = {}
+    for f in files:
+        by_class.setdefault(f.parent.name, []).append(f)
+    order = [f for group in zip(*by_class.values(), strict=False) for f in group][:count]
+    return np.stack([np.asarray(Image.open(f).convert("RGB")) for f in order])
 
 
 # --------------------------------------------------------------------------- load
@@ -416,6 +460,7 @@ def verdict(load: Load, before: dict[Any, float], after: dict[Any, float]) -> di
         "threshold_changes": len(load.changes),
         "failed_threshold_changes": len(failed_changes),
         "image_pool": len(plan.pool),
+        "images_source": args.images,
         "rss_bytes_after_warmup": rss_start,
         "rss_bytes_end": rss_end,
         "rss_bytes_max": max(b for _, b in load.rss),
