@@ -17,6 +17,7 @@ INT64 ``[B]`` (0-based exit index), ``ENTROPY`` FP32 ``[B]``. Request parameter
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import json
@@ -33,7 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from service import __version__, inference
 from service.batcher import Classified
 from service.deps import ModelDep, SettingsDep
-from service.errors import BadRequest, NotReady, TooManyImages
+from service.errors import BadRequest, NotReady, TooManyImages, ValidationFailed
 from service.preprocess import normalise
 from service.repository import ServedModel
 from service.settings import Settings
@@ -198,7 +199,8 @@ def _check_version(version: str) -> None:
 async def _infer(request: Request, model: ModelDep, settings: Settings) -> Response:
     started = time.monotonic()
     body = await request.body()
-    req, binary = _parse_body(body, request.headers.get(HEADER_LENGTH))
+    # JSON of up to the body limit and tensor conversion are CPU work: off the event loop.
+    req, binary = await asyncio.to_thread(_parse_body, body, request.headers.get(HEADER_LENGTH))
     if len(req.inputs) != 1:
         raise BadRequest(f"expected exactly one input tensor; got {len(req.inputs)}")
     params = req.parameters or {}
@@ -207,8 +209,8 @@ async def _infer(request: Request, model: ModelDep, settings: Settings) -> Respo
         raise BadRequest("parameter 'thresholds' must be a comma-separated string")
     try:
         own = inference.parse_thresholds(text, model, settings)
-    except Exception as exc:  # ValidationFailed: v2 answers protocol errors with 400
-        raise BadRequest(str(exc)) from None
+    except ValidationFailed as exc:  # v2 answers every protocol error with 400
+        raise BadRequest(exc.message) from None
     wanted = _requested_outputs(req, params)
     inputs = await _inputs(req.inputs[0], binary, model, settings)
     answers = await inference.classify(model, inputs, settings, started=started, thresholds=own)
@@ -278,6 +280,13 @@ async def _inputs(
             f"for model {model.name!r}; got {tensor.shape}"
         )
     _check_count(shape[0], settings)
+    return await asyncio.to_thread(_tensor_inputs, tensor, raw, dtype, shape, model)
+
+
+def _tensor_inputs(
+    tensor: _Tensor, raw: bytes | None, dtype: str, shape: list[int], model: ServedModel
+) -> list[torch.Tensor]:
+    spec = model.checkpoint.input_spec
     n = math.prod(shape)
     array = _numeric(tensor, raw, dtype, n)
     if dtype == "UINT8":
