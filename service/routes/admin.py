@@ -30,7 +30,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 
 @router.get("/models/{name}/thresholds", summary="Thresholds in force", responses=_ERRORS)
 async def get_thresholds(model: ModelDep) -> ThresholdState:
-    return _state(model, _expected(model, model.thresholds))
+    return _state(model, await asyncio.to_thread(_expected, model, model.thresholds))
 
 
 @router.put(
@@ -63,7 +63,7 @@ async def put_thresholds(
         request.app.state.metrics.set_thresholds(model.name, new)
         logger.info("model %r: thresholds %s -> %s (admin, %s)",
                     model.name, list(old), list(new), how)  # fmt: skip
-        return _state(model, _expected(model, new))
+        return _state(model, await asyncio.to_thread(_expected, model, new))
 
 
 @router.post(
