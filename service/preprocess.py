@@ -54,8 +54,11 @@ def decode_image(data: bytes, *, max_pixels: int, label: str = "image") -> Image
             # global; ours below uses the configured limit instead.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data), formats=sorted(ALLOWED_FORMATS))
-    except Image.DecompressionBombError:
-        raise PayloadTooLarge(f"{label} declares too many pixels") from None
+    except Image.DecompressionBombError as exc:
+        # Pillow's own guard (far above ours) fired while reading the header.
+        raise PayloadTooLarge(
+            f"{label} declares more pixels than the limit of {max_pixels}: {_why(exc)}"
+        ) from None
     except Exception as exc:  # any failure to parse untrusted bytes is a bad image
         raise BadImage(f"{label} is not a decodable image (JPEG, PNG, ...): {_why(exc)}") from None
     width, height = img.size

@@ -3,7 +3,9 @@ queue bound, deadline drop, a failing batch, out-of-memory splitting, request li
 
 from __future__ import annotations
 
+import struct
 import time
+import zlib
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -250,3 +252,30 @@ def test_request_limits(make_client: Callable[..., TestClient]) -> None:
     assert client.post("/v1/models/b-lenet/classify", content=small, headers=PNG).status_code == 200
     s = _samples(client)
     assert _total(s, "branchy_rejected_total", reason="too_large") == 5
+
+
+def _png_declaring(width: int, height: int) -> bytes:
+    """A small PNG whose header declares ``width`` × ``height`` 1-bit pixels."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    idat = zlib.compress(b"\0" * (1 + width // 8) * 16)  # a few rows of zeros
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def test_decompression_bomb_refused_from_its_header(make_client: Callable[..., TestClient]) -> None:
+    client = make_client()
+    bomb = _png_declaring(30000, 30000)  # 900 M pixels in a few kB
+    assert len(bomb) < 10_000
+    start = time.monotonic()
+    resp = client.post("/v1/models/b-lenet/classify", content=bomb, headers=PNG)
+    assert resp.status_code == 413, resp.text
+    assert "pixels" in resp.json()["error"]["message"]
+    assert time.monotonic() - start < 5  # refused from the header, no 900 M-pixel decode
+    ok = client.post("/v1/models/b-lenet/classify", content=encode(random_pixels(MNIST, 1)[0]),
+                     headers=PNG)  # fmt: skip
+    assert ok.status_code == 200
