@@ -182,3 +182,20 @@ def test_calibration_picks_the_cheapest_thresholds_meeting_the_constraint() -> N
     # absolute target below what exit 0 alone gives when everyone leaves
     p = models.choose_thresholds(calib, macs, target=0.7)
     assert p.exit_shares[0] == 1.0 and p.expected_macs == 1.0
+
+
+def test_torchrun_ddp_on_cpu(mnist_dir: Path, tmp_path: Path) -> None:
+    """Two gloo ranks under torchrun: each trains its shard, rank 0 writes the checkpoint."""
+    out = tmp_path / "ddp"
+    argv = base_args(mnist_dir, out, "--epochs", "1", "--device", "cpu")
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "training.train", *argv],
+        capture_output=True, text=True, cwd=ROOT, timeout=240,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpt = models.load_checkpoint(out)
+    history = ckpt.metrics["history"]
+    assert len(history) == 1 and ckpt.calibration is not None
+    # 1000 training images, 2 ranks, batch 64: 7 full batches per rank, not 15
+    assert "7 steps/epoch" in proc.stderr
