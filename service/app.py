@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import re
 import time
@@ -69,8 +70,13 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.device = device
     app.state.expected_models = set(paths)
     app.state.admin_locks = {name: asyncio.Lock() for name in paths}
-    logger.info("serving %d model(s) from %s on %s: %s", len(paths),
-                settings.model_repository, device, ", ".join(paths))  # fmt: skip
+    logger.info(
+        "serving %d model(s) from %s on %s: %s",
+        len(paths),
+        settings.model_repository,
+        device,
+        ", ".join(paths),
+    )
     loader = asyncio.create_task(_load_all(app, paths, device), name="load-models")
     poller = asyncio.create_task(_poll_state(app), name="poll-state")
     try:
@@ -108,8 +114,9 @@ async def _load_all(app: FastAPI, paths: dict[str, Any], device: Any) -> None:
         saved = await asyncio.to_thread(load_thresholds, settings.state_dir, name, engine.num_exits)
         if saved is not None:
             thresholds, source = saved.thresholds, "state"
-            logger.info("model %r: thresholds %s restored from the state folder",
-                        name, list(thresholds))  # fmt: skip
+            logger.info(
+                "model %r: thresholds %s restored from the state folder", name, list(thresholds)
+            )
         served = ServedModel(name, path, engine, thresholds, source=source)
         served.state_mtime_ns = saved.mtime_ns if saved else None
         served.batcher = Batcher(
@@ -166,8 +173,12 @@ async def reread_state(app: FastAPI, served: ServedModel) -> bool:
         old = served.thresholds
         served.set_thresholds(saved.thresholds, source="state")
         app.state.metrics.set_thresholds(served.name, saved.thresholds)
-        logger.info("model %r: thresholds %s -> %s (changed in the state folder)",
-                    served.name, list(old), list(saved.thresholds))  # fmt: skip
+        logger.info(
+            "model %r: thresholds %s -> %s (changed in the state folder)",
+            served.name,
+            list(old),
+            list(saved.thresholds),
+        )
         return True
 
 
@@ -210,15 +221,23 @@ class LimitsMiddleware:
         limit = self.settings.max_body_bytes
         if declared is not None and declared > limit:
             metrics.reject(model, "too_large")
-            await _send_error(send_wrapper, 413, "payload_too_large",
-                              f"request body of {declared} bytes exceeds the limit of {limit}")  # fmt: skip
+            await _send_error(
+                send_wrapper,
+                413,
+                "payload_too_large",
+                f"request body of {declared} bytes exceeds the limit of {limit}",
+            )
             self._count(metrics, endpoint, model, status[0])
             return
         if endpoint is not None and self.inflight >= self.settings.max_concurrent_requests:
             metrics.reject(model, "queue_full")
-            await _send_error(send_wrapper, 503, "queue_full",
-                              "too many requests in progress; retry later",
-                              headers=[(b"retry-after", b"1")])  # fmt: skip
+            await _send_error(
+                send_wrapper,
+                503,
+                "queue_full",
+                "too many requests in progress; retry later",
+                headers=[(b"retry-after", b"1")],
+            )
             self._count(metrics, endpoint, model, status[0])
             return
 
@@ -277,8 +296,6 @@ async def _send_error(
     *,
     headers: list[tuple[bytes, bytes]] | None = None,
 ) -> None:
-    import json
-
     body = json.dumps(error_body(status, code, message)).encode()
     await send(
         {

@@ -60,8 +60,9 @@ def split_on_oom(
         if x.is_cuda:
             torch.cuda.empty_cache()
         half = n // 2
-        logger.warning("out of memory on a batch of %d; splitting it into %d + %d",
-                       n, half, n - half)  # fmt: skip
+        logger.warning(
+            "out of memory on a batch of %d; splitting it into %d + %d", n, half, n - half
+        )
         a = split_on_oom(run, x[:half], thresholds[:half])
         b = split_on_oom(run, x[half:], thresholds[half:])
         return ExitResult(
@@ -292,8 +293,12 @@ class Batcher:
                 error_id = new_error_id()
                 logger.error(
                     "batch of %d image(s) of model %r failed [id %s]: %r",
-                    len(batch), self.name, error_id, exc, exc_info=exc,
-                )  # fmt: skip
+                    len(batch),
+                    self.name,
+                    error_id,
+                    exc,
+                    exc_info=exc,
+                )
                 err = InternalError(
                     f"inference failed for a batch of model {self.name!r} (error id {error_id})",
                     error_id=error_id,
@@ -348,8 +353,9 @@ class Batcher:
             item.wait_s = now - item.enqueued
             batch.append(item)
         if expired:
-            logger.warning("dropped %d expired image(s) of model %r before compute",
-                           expired, self.name)  # fmt: skip
+            logger.warning(
+                "dropped %d expired image(s) of model %r before compute", expired, self.name
+            )
         self.metrics.queue_depth.labels(self.name).set(len(self._items))
         return batch
 

@@ -60,8 +60,12 @@ def require_admin(
     # compare_digest on bytes: constant time whatever the length or characters sent.
     if credentials is None or not secrets.compare_digest(given, expected):
         # Never log the header: a near-miss token is still a secret.
-        logger.warning("admin request %s %s refused: %s", request.method, request.url.path,
-                       "missing token" if credentials is None else "wrong token")  # fmt: skip
+        logger.warning(
+            "admin request %s %s refused: %s",
+            request.method,
+            request.url.path,
+            "missing token" if credentials is None else "wrong token",
+        )
         raise Unauthorized("admin routes need 'Authorization: Bearer <token>' with the right token")
 
 

@@ -189,8 +189,16 @@ def install_error_handlers(app: FastAPI) -> None:
             level = logging.ERROR if exc.status == 500 else logging.INFO
             if exc.code == "not_ready":
                 level = logging.DEBUG
-            logger.log(level, "%s %s -> %d %s [id %s]: %s", request.method, request.url.path,
-                       exc.status, exc.code, error_id, exc.message)  # fmt: skip
+            logger.log(
+                level,
+                "%s %s -> %d %s [id %s]: %s",
+                request.method,
+                request.url.path,
+                exc.status,
+                exc.code,
+                error_id,
+                exc.message,
+            )
         _count_rejection(request, exc.code)
         return error_response(
             exc.status, exc.code, exc.message, headers=exc.headers, error_id=error_id

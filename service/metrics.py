@@ -12,14 +12,45 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 
 # Latency buckets from 50 µs (a tiny model's batch on a GPU) to 10 s (the default deadline).
 LATENCY_BUCKETS = (
-    5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2,
-    0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-)  # fmt: skip
+    5e-5,
+    1e-4,
+    2.5e-4,
+    5e-4,
+    1e-3,
+    2.5e-3,
+    5e-3,
+    1e-2,
+    2.5e-2,
+    5e-2,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
 # Entropy in nats: thresholds of interest run from 1e-4 up to ln(C) (2.30 for 10 classes).
 ENTROPY_BUCKETS = (
-    1e-4, 5e-4, 1e-3, 5e-3, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 2.5, 3.0, 5.0,
-)  # fmt: skip
+    1e-4,
+    5e-4,
+    1e-3,
+    5e-3,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    1.5,
+    2.0,
+    2.5,
+    3.0,
+    5.0,
+)
 UNKNOWN_MODEL = "_unknown"
 
 
@@ -34,48 +65,73 @@ class Metrics:
         self.registry = registry or CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter(
-            "branchy_requests_total", "Requests answered, by status code.",
-            ["model", "endpoint", "code"], registry=r,
-        )  # fmt: skip
+            "branchy_requests_total",
+            "Requests answered, by status code.",
+            ["model", "endpoint", "code"],
+            registry=r,
+        )
         self.request_duration = Histogram(
-            "branchy_request_duration_seconds", "Time from request start to response start.",
-            ["model", "endpoint"], buckets=LATENCY_BUCKETS, registry=r,
-        )  # fmt: skip
+            "branchy_request_duration_seconds",
+            "Time from request start to response start.",
+            ["model", "endpoint"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.queue_wait = Histogram(
-            "branchy_queue_wait_seconds", "Time an image waited in the queue for its batch.",
-            ["model"], buckets=LATENCY_BUCKETS, registry=r,
-        )  # fmt: skip
+            "branchy_queue_wait_seconds",
+            "Time an image waited in the queue for its batch.",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.inference_duration = Histogram(
-            "branchy_inference_duration_seconds", "Compute time of one batch.",
-            ["model"], buckets=LATENCY_BUCKETS, registry=r,
-        )  # fmt: skip
+            "branchy_inference_duration_seconds",
+            "Compute time of one batch.",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.batch_size = Histogram(
-            "branchy_batch_size", "Images per batch run.",
-            ["model"], buckets=BATCH_BUCKETS, registry=r,
-        )  # fmt: skip
+            "branchy_batch_size",
+            "Images per batch run.",
+            ["model"],
+            buckets=BATCH_BUCKETS,
+            registry=r,
+        )
         self.exit_entropy = Histogram(
-            "branchy_exit_entropy", "Entropy (nats) of the answer at the exit taken.",
-            ["model", "exit"], buckets=ENTROPY_BUCKETS, registry=r,
-        )  # fmt: skip
+            "branchy_exit_entropy",
+            "Entropy (nats) of the answer at the exit taken.",
+            ["model", "exit"],
+            buckets=ENTROPY_BUCKETS,
+            registry=r,
+        )
         self.exits = Counter(
-            "branchy_exit", "Images classified, by the exit they took.",
-            ["model", "exit"], registry=r,
-        )  # fmt: skip
+            "branchy_exit",
+            "Images classified, by the exit they took.",
+            ["model", "exit"],
+            registry=r,
+        )
         self.rejected = Counter(
-            "branchy_rejected", "Requests refused, by reason.",
-            ["model", "reason"], registry=r,
-        )  # fmt: skip
+            "branchy_rejected",
+            "Requests refused, by reason.",
+            ["model", "reason"],
+            registry=r,
+        )
         self.queue_depth = Gauge(
             "branchy_queue_depth", "Images waiting for a batch.", ["model"], registry=r
         )
         self.threshold = Gauge(
-            "branchy_threshold", "Entropy threshold in force at each early exit.",
-            ["model", "exit"], registry=r,
-        )  # fmt: skip
+            "branchy_threshold",
+            "Entropy threshold in force at each early exit.",
+            ["model", "exit"],
+            registry=r,
+        )
         self.model_info = Gauge(
-            "branchy_model_info", "Loaded model (value 1).",
-            ["model", "device", "architecture", "exits"], registry=r,
-        )  # fmt: skip
+            "branchy_model_info",
+            "Loaded model (value 1).",
+            ["model", "device", "architecture", "exits"],
+            registry=r,
+        )
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""

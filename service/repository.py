@@ -80,8 +80,14 @@ def load_engine(path: Path, device: torch.device, settings: Settings) -> Engine:
         checkpoint, device, half_precision=settings.half_precision, compile=settings.compile
     )
     engine.warm_up(sorted({1, settings.max_batch_size})[: settings.warmup_batches])
-    logger.info("loaded %s (%s, %d exits) on %s in %.2f s", path, checkpoint.model.name,
-                checkpoint.model.num_exits, device, time.perf_counter() - start)  # fmt: skip
+    logger.info(
+        "loaded %s (%s, %d exits) on %s in %.2f s",
+        path,
+        checkpoint.model.name,
+        checkpoint.model.num_exits,
+        device,
+        time.perf_counter() - start,
+    )
     return engine
 
 

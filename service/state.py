@@ -112,8 +112,9 @@ def load_thresholds(state_dir: Path, model: str, num_exits: int) -> SavedThresho
         thresholds = check_thresholds(body.get("thresholds"), num_exits)
         updated = float(body.get("updated_at", stat.st_mtime))
     except (ValueError, TypeError) as exc:
-        logger.error("damaged threshold state %s (ignored; keeping the current thresholds): %s",
-                     path, exc)  # fmt: skip
+        logger.error(
+            "damaged threshold state %s (ignored; keeping the current thresholds): %s", path, exc
+        )
         return None
     return SavedThresholds(thresholds, updated, stat.st_mtime_ns)
 

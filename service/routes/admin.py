@@ -61,8 +61,9 @@ async def put_thresholds(
         model.state_mtime_ns = mtime
         model.set_thresholds(new, source="admin")
         request.app.state.metrics.set_thresholds(model.name, new)
-        logger.info("model %r: thresholds %s -> %s (admin, %s)",
-                    model.name, list(old), list(new), how)  # fmt: skip
+        logger.info(
+            "model %r: thresholds %s -> %s (admin, %s)", model.name, list(old), list(new), how
+        )
         return _state(model, await asyncio.to_thread(_expected, model, new))
 
 
@@ -79,8 +80,12 @@ async def reload_model(request: Request, model: ModelDep, settings: SettingsDep)
                 load_engine, model.path, request.app.state.device, settings
             )
         except Exception as exc:  # any failure leaves the old model in place
-            logger.error("model %r: reload from %s failed, old model keeps serving: %s",
-                         model.name, model.path, exc)  # fmt: skip
+            logger.error(
+                "model %r: reload from %s failed, old model keeps serving: %s",
+                model.name,
+                model.path,
+                exc,
+            )
             raise ReloadFailed(
                 f"reload of model {model.name!r} failed; the previous version keeps serving: {exc}"
             ) from None
@@ -95,10 +100,19 @@ async def reload_model(request: Request, model: ModelDep, settings: SettingsDep)
         metrics = request.app.state.metrics
         metrics.init_model(model.name, engine.num_exits)
         metrics.set_thresholds(model.name, thresholds)
-        metrics.set_model_info(model.name, device=str(engine.device),
-                               architecture=engine.checkpoint.model.name, exits=engine.num_exits)  # fmt: skip
-        logger.info("model %r reloaded from %s (thresholds %s from %s)",
-                    model.name, model.path, list(thresholds), source)  # fmt: skip
+        metrics.set_model_info(
+            model.name,
+            device=str(engine.device),
+            architecture=engine.checkpoint.model.name,
+            exits=engine.num_exits,
+        )
+        logger.info(
+            "model %r reloaded from %s (thresholds %s from %s)",
+            model.name,
+            model.path,
+            list(thresholds),
+            source,
+        )
     return ReloadResponse(
         model=model.name,
         architecture=engine.checkpoint.model.name,

@@ -77,8 +77,11 @@ async def list_models(request: Request) -> ModelList:
     )
 
 
-@router.get("/models/{name}", summary="A model: exits, thresholds, classes, input, MACs",
-            responses={404: _ERRORS[404]})  # fmt: skip
+@router.get(
+    "/models/{name}",
+    summary="A model: exits, thresholds, classes, input, MACs",
+    responses={404: _ERRORS[404]},
+)
 async def describe_model(model: ModelDep) -> ModelDetail:
     return ModelDetail(**model.describe())
 

@@ -83,8 +83,11 @@ async def live() -> dict[str, bool]:
     return {"live": True}
 
 
-@router.get("/health/ready", summary="Server readiness (503 until models are loaded)",
-            responses={503: {"description": "Not ready."}})  # fmt: skip
+@router.get(
+    "/health/ready",
+    summary="Server readiness (503 until models are loaded)",
+    responses={503: {"description": "Not ready."}},
+)
 async def ready(request: Request) -> dict[str, bool]:
     if not request.app.state.ready:
         raise NotReady("models are still loading")
@@ -125,21 +128,30 @@ async def model_metadata(model: ModelDep) -> dict[str, Any]:
     return _metadata(model)
 
 
-@router.get("/models/{name}/versions/{version}", summary="Model metadata (versioned)",
-            responses=_VERSIONED_ERRORS)  # fmt: skip
+@router.get(
+    "/models/{name}/versions/{version}",
+    summary="Model metadata (versioned)",
+    responses=_VERSIONED_ERRORS,
+)
 async def model_metadata_versioned(model: ModelDep, version: _VERSION) -> dict[str, Any]:
     _check_version(version)
     return _metadata(model)
 
 
-@router.get("/models/{name}/ready", summary="Model readiness",
-            responses={404: {"description": "Unknown model."}})  # fmt: skip
+@router.get(
+    "/models/{name}/ready",
+    summary="Model readiness",
+    responses={404: {"description": "Unknown model."}},
+)
 async def model_ready(model: ModelDep) -> dict[str, Any]:
     return {"name": model.name, "ready": model.batcher is not None}
 
 
-@router.get("/models/{name}/versions/{version}/ready", summary="Model readiness (versioned)",
-            responses=_VERSIONED_ERRORS)  # fmt: skip
+@router.get(
+    "/models/{name}/versions/{version}/ready",
+    summary="Model readiness (versioned)",
+    responses=_VERSIONED_ERRORS,
+)
 async def model_ready_versioned(model: ModelDep, version: _VERSION) -> dict[str, Any]:
     _check_version(version)
     return {"name": model.name, "ready": model.batcher is not None}
@@ -182,8 +194,9 @@ async def infer(request: Request, model: ModelDep, settings: SettingsDep) -> Res
     return await _infer(request, model, settings)
 
 
-@router.post("/models/{name}/versions/{version}/infer", summary="Inference (v2, versioned)",
-             **_INFER_DOC)  # fmt: skip
+@router.post(
+    "/models/{name}/versions/{version}/infer", summary="Inference (v2, versioned)", **_INFER_DOC
+)
 async def infer_versioned(
     request: Request, model: ModelDep, settings: SettingsDep, version: _VERSION
 ) -> Response:
