@@ -12,45 +12,14 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 
 # Latency buckets from 50 µs (a tiny model's batch on a GPU) to 10 s (the default deadline).
 LATENCY_BUCKETS = (
-    5e-5,
-    1e-4,
-    2.5e-4,
-    5e-4,
-    1e-3,
-    2.5e-3,
-    5e-3,
-    1e-2,
-    2.5e-2,
-    5e-2,
-    0.1,
-    0.25,
-    0.5,
-    1.0,
-    2.5,
-    5.0,
-    10.0,
-)
+    5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2,
+    0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
 # Entropy in nats: thresholds of interest run from 1e-4 up to ln(C) (2.30 for 10 classes).
 ENTROPY_BUCKETS = (
-    1e-4,
-    5e-4,
-    1e-3,
-    5e-3,
-    0.01,
-    0.025,
-    0.05,
-    0.1,
-    0.25,
-    0.5,
-    0.75,
-    1.0,
-    1.5,
-    2.0,
-    2.5,
-    3.0,
-    5.0,
-)
+    1e-4, 5e-4, 1e-3, 5e-3, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 2.5, 3.0, 5.0,
+)  # fmt: skip
 UNKNOWN_MODEL = "_unknown"
 
 
