@@ -33,6 +33,7 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry(auto_describe=True)
         r = self.registry
+        self._info_labels: dict[str, tuple[str, str, str, str]] = {}
         self.requests = Counter(
             "branchy_requests_total",
             "Requests answered, by status code.",
@@ -114,11 +115,13 @@ class Metrics:
             self.threshold.labels(model, str(i)).set(t)
 
     def set_model_info(self, model: str, *, device: str, architecture: str, exits: int) -> None:
-        # A reload may change the architecture: drop the old series of this model first.
-        for labels in list(self._series(self.model_info)):
-            if labels[0] == model:
-                self.model_info.remove(*labels)
-        self.model_info.labels(model, device, architecture, str(exits)).set(1)
+        # A reload may change the architecture: drop the model's old series first.
+        old = self._info_labels.pop(model, None)
+        if old is not None:
+            self.model_info.remove(*old)
+        labels = (model, device, architecture, str(exits))
+        self.model_info.labels(*labels).set(1)
+        self._info_labels[model] = labels
 
     def init_model(self, model: str, num_exits: int) -> None:
         """Create a model's series at zero so that rates and sums exist from the start."""
@@ -134,7 +137,3 @@ class Metrics:
         never come from unchecked client input (unbounded series would exhaust memory)."""
         served = getattr(app.state, "models", None) or {}
         return name if name is not None and name in served else UNKNOWN_MODEL
-
-    @staticmethod
-    def _series(metric: Any) -> list[tuple[str, ...]]:
-        return list(metric._metrics)  # prometheus_client keeps children by label tuple
