@@ -87,8 +87,6 @@ def test_bad_request_gets_clear_4xx_and_server_keeps_serving(
 ) -> None:
     resp = send(client, case.request)
     assert_error(resp, case.status, case.codes)
-    if resp.status_code == 503:  # pragma: no cover - would already have failed above
-        assert "retry-after" in resp.headers
     assert_still_serving(client, limited_server)
 
 
@@ -196,8 +194,8 @@ def test_error_message_names_the_bad_part(client: httpx.Client) -> None:
     req = bad.classify_multipart(ALEXNET, [("image/png", good), (ctype, broken)])
     err = error_of(send(client, req))
     assert err["code"] == "bad_image"
-    # A client sending many images needs to know which one is broken.
-    assert "1" in err["message"] or "img1" in err["message"], err
+    # A client sending many images needs to know which one is broken (0-based index).
+    assert "image 1" in err["message"], err
 
 
 @pytest.fixture
