@@ -243,3 +243,27 @@ def test_cifar_test_jpegs_get_the_offline_answer(app_client: TestClient, model_r
     results = resp.json()["results"]
     assert [r["class_index"] for r in results] == offline.prediction.tolist()
     np.testing.assert_allclose([r["entropy"] for r in results], offline.entropy.numpy(), atol=1e-5)
+
+
+def test_openapi_describes_every_route(app_client: TestClient) -> None:
+    """Every route of the service contract is in the OpenAPI document, and nothing else."""
+    doc = app_client.get("/openapi.json").json()
+    v2 = "/v2/models/{name}"
+    contract = {
+        ("get", "/healthz"), ("get", "/readyz"), ("get", "/metrics"),
+        ("get", "/v1/models"), ("get", "/v1/models/{name}"), ("post", "/v1/models/{name}/classify"),
+        ("get", "/v2"), ("get", "/v2/health/live"), ("get", "/v2/health/ready"),
+        ("get", v2), ("get", f"{v2}/ready"), ("post", f"{v2}/infer"),
+        ("get", f"{v2}/versions/{{version}}"), ("get", f"{v2}/versions/{{version}}/ready"),
+        ("post", f"{v2}/versions/{{version}}/infer"),
+        ("get", "/admin/models/{name}/thresholds"), ("put", "/admin/models/{name}/thresholds"),
+        ("post", "/admin/models/{name}/reload"),
+    }  # fmt: skip
+    documented = {(m, p) for p, ops in doc["paths"].items() for m in ops}
+    assert documented == contract
+    for method, path in contract:
+        op = doc["paths"][path][method]
+        assert op["summary"] and "200" in op["responses"], (method, path)
+    classify = doc["paths"]["/v1/models/{name}/classify"]["post"]
+    assert {"multipart/form-data", "image/png"} <= set(classify["requestBody"]["content"])
+    assert doc["components"]["securitySchemes"]["admin"]["scheme"] == "bearer"
