@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import platform
+import statistics
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -138,39 +139,76 @@ def choose(ckpt: Checkpoint, args: argparse.Namespace) -> list[float]:
     return list(point.thresholds)
 
 
-def measure(
-    ckpt: Checkpoint,
-    thresholds: list[float],
+def measure_all(
+    runs: list[tuple[Checkpoint, list[float]]],
     x: Tensor,
     labels: Tensor,
     args: argparse.Namespace,
-) -> NetResult:
-    """Per-exit accuracy, engine accuracy and exit shares, latency and throughput."""
-    model = ckpt.model
-    calib = _calibration_on(model, x, labels)
-    device = x.device
-    n_lat = args.latency_samples or x.shape[0]
-    cpu = device.type == "cpu"
+) -> list[NetResult]:
+    """Per-exit accuracy, engine accuracy and exit shares, latency and throughput of
+    several networks on the same inputs.
+
+    The timings interleave the networks (batch-1 latency in four chunks of the samples,
+    alternating which network goes first; throughput one repeat each in turn), so that
+    a change in machine load during the run hits all of them alike.
+    """
+    n_lat = min(args.latency_samples or x.shape[0], x.shape[0])
+    cpu = x.device.type == "cpu"
     threads = torch.get_num_threads()
+    cuts = [round(n_lat * i / 4) for i in range(5)]
+    lat_parts: list[list[timing.LatencyResult]] = [[] for _ in runs]
+    rates: list[list[float]] = [[] for _ in runs]
     try:
         if cpu:
             torch.set_num_threads(args.latency_threads)
         with torch.backends.mkldnn.flags(enabled=args.latency_onednn == "on"):
-            lat = timing.latency_batch1(model, x[:n_lat], thresholds)
+            for c in range(4):
+                for k in _turns(len(runs), c):
+                    ckpt, thr = runs[k]
+                    part = x[cuts[c] : cuts[c + 1]]
+                    lat_parts[k].append(
+                        timing.latency_batch1(ckpt.model, part, thr, warmup=50 if c == 0 else 10)
+                    )
         if cpu:
             torch.set_num_threads(args.throughput_threads or threads)
         with torch.backends.mkldnn.flags(enabled=args.throughput_onednn == "on"):
-            tput = timing.throughput(
-                model, x, thresholds, batch_size=args.batch_size, repeats=args.repeats
-            )
-        # accuracy and exits of the engine itself over the whole test split
-        result = (
-            model.early_exit(x, thresholds)
-            if x.shape[0] <= 4096
-            else _chunked(model, x, thresholds)
-        )
+            for r in range(args.repeats):
+                for k in _turns(len(runs), r):
+                    ckpt, thr = runs[k]
+                    rates[k].append(
+                        timing.throughput(ckpt.model, x, thr, batch_size=args.batch_size, repeats=1)
+                    )
     finally:
         torch.set_num_threads(threads)
+    results = []
+    for k, (ckpt, thr) in enumerate(runs):
+        lat = timing.LatencyResult(
+            [s for p in lat_parts[k] for s in p.seconds],
+            [e for p in lat_parts[k] for e in p.exits],
+            [q for p in lat_parts[k] for q in p.predictions],
+        )
+        results.append(_accuracy(ckpt, thr, x, labels, lat, statistics.median(rates[k])))
+    return results
+
+
+def _turns(n: int, round_: int) -> list[int]:
+    # alternate the order in which the networks are timed from one round to the next
+    return list(range(n)) if round_ % 2 == 0 else list(reversed(range(n)))
+
+
+def _accuracy(
+    ckpt: Checkpoint,
+    thresholds: list[float],
+    x: Tensor,
+    labels: Tensor,
+    lat: timing.LatencyResult,
+    tput: float,
+) -> NetResult:
+    """The engine's own accuracy and exit shares over the whole split, plus per-exit
+    accuracy with every sample through every exit."""
+    model = ckpt.model
+    calib = _calibration_on(model, x, labels)
+    result = _chunked(model, x, thresholds)
     pred, exits = result.prediction.cpu(), result.exit_index.cpu()
     accuracy = float((pred == labels).double().mean())
     shares = torch.bincount(exits, minlength=model.num_exits).double() / x.shape[0]
@@ -514,13 +552,18 @@ def main(args: argparse.Namespace | None = None) -> dict[str, Any]:
     ckpt = models.load_checkpoint(args.checkpoint, device=device)
     x, labels = load_inputs(ckpt, args, device)
     thresholds = choose(ckpt, args)
-    log.info("timing %s on %d test images, thresholds %s", ckpt.model.name, x.shape[0], thresholds)
-    branchy = measure(ckpt, thresholds, x, labels, args)
-    baseline = None
+    runs = [(ckpt, thresholds)]
     if args.baseline:
-        base_ckpt = models.load_checkpoint(args.baseline, device=device)
-        log.info("timing baseline %s", base_ckpt.model.name)
-        baseline = measure(base_ckpt, [], x, labels, args)
+        runs.append((models.load_checkpoint(args.baseline, device=device), []))
+    log.info(
+        "timing %s on %d test images (thresholds %s)%s",
+        ckpt.model.name,
+        x.shape[0],
+        thresholds,
+        f" against {runs[1][0].model.name}" if args.baseline else "",
+    )
+    measured = measure_all(runs, x, labels, args)
+    branchy, baseline = measured[0], (measured[1] if args.baseline else None)
     val_point = None
     if ckpt.calibration is not None:
         val_point = models.evaluate_thresholds(ckpt.calibration, branchy.exit_macs, thresholds)
