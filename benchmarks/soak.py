@@ -143,9 +143,11 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="image pool: seeded synthetic pixels, or test-split images of a data set",
     )
     p.add_argument(
-        "--data-root", type=Path, default=REPO_ROOT.parent / "shared" / "data",
+        "--data-root",
+        type=Path,
+        default=REPO_ROOT.parent / "shared" / "data",
         help="folder holding mnist/ and cifar10/ (see its README)",
-    )  # fmt: skip
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=30.0, help="per-request client timeout")
     p.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks/results/soak.json")
@@ -514,8 +516,12 @@ def main(argv: list[str] | None = None) -> int:
         repo = args.model_repository or make_repository(work / "repository", name=args.model)
         ref = OfflineReference(repo / args.model)
         plan = make_plan(ref, args.model, args)
-        logger.info("pool of %d images, %d threshold settings: %s", len(plan.pool),
-                    len(plan.settings), plan.settings)  # fmt: skip
+        logger.info(
+            "pool of %d images, %d threshold settings: %s",
+            len(plan.pool),
+            len(plan.settings),
+            plan.settings,
+        )
         env = {
             "BRANCHY_ADMIN_TOKEN": ADMIN_TOKEN,
             "BRANCHY_MODELS": args.model,

@@ -17,12 +17,13 @@ server's job (issue 4, "Preprocessing").
 
 from __future__ import annotations
 
+import base64
 import functools
 import io
 import json
 import struct
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -562,6 +563,13 @@ def bad_requests(target: Target) -> list[BadCase]:
     valid = v2_tensor_body(target, arr)
     for name, raw in v2_bad_bodies(target, valid).items():
         add(f"v2_{name}", v2_request(target, raw), 400, "bad_request")
+    for name, (raw, headers, status, code) in v2_protocol_cases(target).items():
+        add(
+            f"v2_{name}",
+            HttpRequest("POST", f"/v2/models/{target.model}/infer", headers, raw),
+            status,
+            code,
+        )
     add(
         "v2_unknown_model",
         v2_request(target, json.dumps(valid).encode(), model="no-such-model"),
@@ -635,7 +643,101 @@ def v2_bad_bodies(target: Target, valid: dict[str, object]) -> dict[str, bytes]:
     }
 
 
-ValidFactory = Callable[[Target], HttpRequest]
+def v2_protocol_cases(target: Target) -> dict[str, tuple[bytes, dict[str, str], int, str]]:
+    """v2 requests broken in the encoded-image (BYTES) input, the binary tensor extension
+    (a JSON header of ``Inference-Header-Content-Length`` bytes, then raw tensor bytes),
+    the outputs and the parameters: name -> (body, headers, status, code)."""
+    json_h = {"content-type": "application/json"}
+    good = image_for(target.channels, target.height, target.width)
+    chw = (target.channels, target.height, target.width)
+    size = target.channels * target.height * target.width
+    image_input = {"name": "image", "shape": [1], "datatype": "BYTES"}
+
+    def as_json(*inputs: dict[str, object], **extra: object) -> bytes:
+        return json.dumps({"inputs": list(inputs), **extra}).encode()
+
+    def binary(
+        header: dict[str, object], blob: bytes, length: object = None
+    ) -> tuple[bytes, dict[str, str]]:
+        head = json.dumps(header).encode()
+        n = len(head) if length is None else length
+        return head + blob, {
+            "content-type": "application/octet-stream",
+            "inference-header-content-length": str(n),
+        }
+
+    tensor = {
+        "name": "x",
+        "shape": [1, *chw],
+        "datatype": "UINT8",
+        "parameters": {"binary_data_size": size},
+    }
+    pixels_blob = bytes(size)
+    b64 = base64.b64encode(good).decode()
+    cases: dict[str, tuple[bytes, dict[str, str], int, str]] = {
+        "bytes_not_base64": (
+            as_json({**image_input, "data": ["!!not base64"]}),
+            json_h,
+            400,
+            "bad_request",
+        ),
+        "bytes_not_an_image": (
+            as_json({**image_input, "data": [base64.b64encode(b"hi").decode()]}),
+            json_h,
+            400,
+            "bad_image",
+        ),
+        "bytes_number": (as_json({**image_input, "data": [5]}), json_h, 400, "bad_request"),
+        "bytes_too_many": (
+            as_json({**image_input, "shape": [10**12], "data": [b64]}),
+            json_h,
+            413,
+            "too_many_images",
+        ),
+        "shape_overflow": (
+            as_json({"name": "x", "shape": [2**62, 2**62, 1, 1], "datatype": "UINT8", "data": [0]}),
+            json_h,
+            400,
+            "bad_request",
+        ),
+        "two_inputs": (
+            as_json({**image_input, "data": [b64]}, {**image_input, "data": [b64]}),
+            json_h,
+            400,
+            "bad_request",
+        ),
+        "unknown_output": (
+            as_json({**image_input, "data": [b64]}, outputs=[{"name": "NOPE"}]),
+            json_h,
+            400,
+            "bad_request",
+        ),
+        "thresholds_parameter_nan": (
+            as_json({**image_input, "data": [b64]}, parameters={"thresholds": "nan"}),
+            json_h,
+            400,
+            "bad_request",
+        ),
+    }
+    for name, (body, headers) in {
+        "binary_header_length_past_the_body": binary(tensor, pixels_blob, 10**9),
+        "binary_header_length_negative": binary(tensor, pixels_blob, -5),
+        "binary_header_length_text": binary(tensor, pixels_blob, "abc"),
+        "binary_data_cut_short": binary(tensor, pixels_blob[: size // 2]),
+        "binary_size_negative": binary(
+            {**tensor, "parameters": {"binary_data_size": -1}}, pixels_blob
+        ),
+        "binary_header_not_json": (
+            b"{{{{" + pixels_blob,
+            {"content-type": "application/octet-stream", "inference-header-content-length": "4"},
+        ),
+        "binary_bytes_length_past_the_data": binary(
+            {**image_input, "parameters": {"binary_data_size": 20}},
+            struct.pack("<I", 10**9) + b"x" * 16,
+        ),
+    }.items():
+        cases[name] = (body, headers, 400, "bad_request")
+    return cases
 
 
 def valid_request(target: Target, *, seed: int = 0) -> HttpRequest:

@@ -22,10 +22,19 @@ ROOT = Path(__file__).resolve().parents[2]
 def run_soak(tmp_path: Path, duration: float, timeout: float) -> dict:
     out = tmp_path / "soak.json"
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "soak.py"), "--duration", str(duration),
-         "--out", str(out)],
-        capture_output=True, text=True, timeout=timeout, cwd=ROOT,
-    )  # fmt: skip
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "soak.py"),
+            "--duration",
+            str(duration),
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+    )
     assert out.exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads(out.read_text())
     failed = [k for k, ok in report["checks"].items() if not ok]
