@@ -23,7 +23,7 @@ import io
 import json
 import struct
 import zlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -651,13 +651,13 @@ def v2_protocol_cases(target: Target) -> dict[str, tuple[bytes, dict[str, str], 
     good = image_for(target.channels, target.height, target.width)
     chw = (target.channels, target.height, target.width)
     size = target.channels * target.height * target.width
-    image_input = {"name": "image", "shape": [1], "datatype": "BYTES"}
+    image_input: dict[str, object] = {"name": "image", "shape": [1], "datatype": "BYTES"}
 
     def as_json(*inputs: dict[str, object], **extra: object) -> bytes:
         return json.dumps({"inputs": list(inputs), **extra}).encode()
 
     def binary(
-        header: dict[str, object], blob: bytes, length: object = None
+        header: Mapping[str, object], blob: bytes, length: object = None
     ) -> tuple[bytes, dict[str, str]]:
         head = json.dumps(header).encode()
         n = len(head) if length is None else length
@@ -666,7 +666,7 @@ def v2_protocol_cases(target: Target) -> dict[str, tuple[bytes, dict[str, str], 
             "inference-header-content-length": str(n),
         }
 
-    tensor = {
+    tensor: dict[str, object] = {
         "name": "x",
         "shape": [1, *chw],
         "datatype": "UINT8",

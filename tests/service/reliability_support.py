@@ -6,8 +6,10 @@
 * :class:`ServerProcess`: the real server (``python -m service``) in a child process on a
   free loopback port, with its log captured to a file;
 * :class:`OfflineReference`: the checkpoint evaluated in-process, to check served answers;
-* :func:`scrape` / :func:`metric_total`: ``/metrics`` parsed with prometheus_client's parser;
-* :func:`assert_error`: the contract's JSON error shape.
+* :func:`parse_metrics` / :func:`metric_total`: ``/metrics`` parsed with prometheus_client's
+  parser;
+* :func:`assert_error`: the contract's JSON error shape;
+* :func:`fuzz_openapi`: schemathesis over a running server's OpenAPI document.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -153,7 +155,7 @@ class OfflineReference:
             ``(N,)`` bool.
         """
         ent, gap = self.every_exit(pixels)
-        ok = (gap > margin).all(axis=1)
+        ok: np.ndarray = np.asarray((gap > margin).all(axis=1))
         for t in settings:
             for i, ti in enumerate(t):
                 if math.isfinite(ti):
@@ -302,16 +304,6 @@ class ServerProcess:
         self.kill()
 
 
-@contextlib.contextmanager
-def running_server(
-    repository: Path, workdir: Path, env: Mapping[str, str] | None = None, **kwargs: Any
-) -> Iterator[ServerProcess]:
-    """``with running_server(repo, tmp) as srv:`` -- a ready server, stopped afterwards."""
-    server = ServerProcess(repository, workdir, env, **kwargs)
-    with server:
-        yield server
-
-
 def rss_bytes(pid: int) -> int:
     """Resident set size of a process (psutil)."""
     import psutil
@@ -332,12 +324,6 @@ def parse_metrics(text: str) -> Samples:
         for s in family.samples:
             out[(s.name, frozenset(s.labels.items()))] = float(s.value)
     return out
-
-
-def scrape(client: httpx.Client, base_url: str = "") -> Samples:
-    resp = client.get(f"{base_url}/metrics")
-    resp.raise_for_status()
-    return parse_metrics(resp.text)
 
 
 def metric_total(samples: Samples, name: str, **labels: str) -> float:
@@ -378,7 +364,9 @@ def error_of(resp: httpx.Response) -> dict[str, Any]:
     return err
 
 
-def assert_error(resp: httpx.Response, status: int, codes: str | Sequence[str]) -> dict[str, Any]:
+def assert_error(
+    resp: httpx.Response, status: int, codes: str | Sequence[str] | frozenset[str]
+) -> dict[str, Any]:
     """Assert ``resp`` is the contract's error ``status`` with one of ``codes``."""
     allowed = {codes} if isinstance(codes, str) else set(codes)
     assert resp.status_code == status, (
@@ -464,11 +452,22 @@ def fuzz_openapi(
     """
     import schemathesis
     from schemathesis import GenerationMode
+    from schemathesis.core.result import Ok
 
     schema = schemathesis.openapi.from_url(f"{base_url}/openapi.json")
     fuzzer = _Fuzzer(base_url, token, timeout_s)
     report = FuzzReport([], 0, {}, [], {})
     for result in schema.get_all_operations():
+        if not isinstance(result, Ok):
+            # The document itself is broken for this operation: a failure to report.
+            report.failures.append(
+                {
+                    "operation": "?",
+                    "problem": f"invalid OpenAPI operation: {result.err()}"[:300],
+                    "reproduce": f"{base_url}/openapi.json",
+                }
+            )
+            continue
         op = result.ok()
         label = f"{op.method.upper()} {op.path}"
         if include is not None and not include(label):
@@ -548,8 +547,9 @@ class _Fuzzer:
         try:
             case.validate_response(resp, checks=self.conformance_checks)
         except BaseExceptionGroup as group:  # schemathesis' FailureGroup of check failures
-            for exc in group.exceptions:
-                key = f"{label} {resp.status_code}: {getattr(exc, 'title', type(exc).__name__)}"
+            for failure in group.exceptions:
+                title = getattr(failure, "title", type(failure).__name__)
+                key = f"{label} {resp.status_code}: {title}"
                 report.conformance[key] = report.conformance.get(key, 0) + 1
 
     def _fail(self, label: str, case: Any, report: FuzzReport, problem: str) -> None:

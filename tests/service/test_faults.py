@@ -202,7 +202,7 @@ def test_reload_with_a_damaged_or_missing_checkpoint_keeps_the_old_model(
     want = answers(classify(client, pixels))
 
     manifest = json.loads((pristine / "manifest.json").read_text())
-    damages: dict[str, Callable[[], None]] = {
+    damages: dict[str, Callable[[], object]] = {
         "manifest_not_json": lambda: (ckpt / "manifest.json").write_text("{broken"),
         "manifest_future_version": lambda: (ckpt / "manifest.json").write_text(
             json.dumps({**manifest, "format_version": 99})
