@@ -242,10 +242,26 @@ class LimitsMiddleware:
             return
 
         received = 0
+        body_done = False
+        timeout = self.settings.request_timeout_s
+        body_deadline = time.monotonic() + timeout
 
         async def receive_limited() -> Message:
-            nonlocal received
-            message = await receive()
+            # The body must arrive within the request timeout: a client that stalls
+            # mid-upload (slowloris) would otherwise hold its in-flight slot forever.
+            nonlocal received, body_done
+            if body_done:
+                return await receive()
+            remaining = body_deadline - time.monotonic()
+            try:
+                message = await asyncio.wait_for(receive(), timeout=max(remaining, 1e-3))
+            except TimeoutError:
+                raise StarletteHTTPException(
+                    408,
+                    f"the request body did not arrive within the request timeout of {timeout} s",
+                ) from None
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                body_done = True
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:

@@ -30,6 +30,7 @@ REJECT_REASONS = {
     "unauthorized": "unauthorized",
     "queue_full": "queue_full",
     "deadline_exceeded": "deadline_exceeded",
+    "request_timeout": "deadline_exceeded",
     "shutting_down": "shutting_down",
 }
 
@@ -169,6 +170,7 @@ _HTTP_CODES = {
     401: "unauthorized",
     404: "not_found",
     405: "method_not_allowed",
+    408: "request_timeout",
     413: "payload_too_large",
     415: "unsupported_media_type",
     422: "validation_error",

@@ -4,6 +4,7 @@ limits at the socket."""
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -117,3 +118,40 @@ def test_injected_faults_in_a_real_process(
         big = c.post(url, content=image + b"\0" * 1_000_000, headers=PNG)
         assert big.status_code == 413 and big.json()["error"]["code"] == "payload_too_large"
         assert c.post(url, content=image, headers=PNG).status_code == 200
+
+
+def test_stalled_uploads_are_cut_off_at_the_request_timeout(
+    start_server: Callable[..., ServerProcess],
+) -> None:
+    """Slowloris: clients that stop sending mid-body hold their slots only until the
+    request timeout, then get 408 and the slots serve others again."""
+    server = start_server(
+        {"BRANCHY_REQUEST_TIMEOUT_S": "1", "BRANCHY_MAX_CONCURRENT_REQUESTS": "2"}
+    )
+    url = f"{server.base_url}/v1/models/b-lenet/classify"
+    image = encode(random_pixels(MNIST, 1)[0])
+    head = (
+        b"POST /v1/models/b-lenet/classify HTTP/1.1\r\nHost: t\r\nContent-Type: image/png\r\n"
+        b"Content-Length: 1000\r\n\r\n" + image[:10]
+    )
+    stalled = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(2)]
+    try:
+        for sock in stalled:
+            sock.sendall(head)
+        time.sleep(0.3)
+        busy = httpx.post(url, content=image, headers=PNG, timeout=10)
+        assert busy.status_code == 503 and busy.json()["error"]["code"] == "queue_full"
+        for sock in stalled:
+            sock.settimeout(10)
+            answer = b""
+            while b"}}" not in answer:  # the JSON error body ends the answer
+                chunk = sock.recv(4096)
+                if not chunk:
+                    break
+                answer += chunk
+            assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+            assert b'"code":"request_timeout"' in answer.replace(b" ", b"")
+        assert httpx.post(url, content=image, headers=PNG, timeout=10).status_code == 200
+    finally:
+        for sock in stalled:
+            sock.close()
