@@ -87,10 +87,11 @@ def throughput(
     batch_size: int = 256,
     repeats: int = 3,
 ) -> float:
-    """Images per second classifying all of ``x`` in batches; the median of ``repeats``.
+    """Images per second classifying all of ``x`` in batches; the best of ``repeats``.
 
     Each repeat runs the whole set once, batch by batch, bringing each batch's
-    predictions to the host.
+    predictions to the host. The best repeat, not the median, because on a shared
+    machine other jobs only ever slow a repeat down.
     """
     model.eval()
     thr = list(thresholds)
@@ -103,4 +104,4 @@ def throughput(
             model.early_exit(x[start : start + batch_size], thr).prediction.cpu()
         _sync(x.device)
         rates.append(x.shape[0] / (time.perf_counter() - t0))
-    return statistics.median(rates)
+    return max(rates)
