@@ -163,18 +163,12 @@ def test_in_flight_requests_are_bounded(held_server: ServerProcess) -> None:
     assert post_image(url, seed=99).status_code == 200
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="reported: the request deadline does not cover reading the body, so uploads that "
-    "stall mid-body hold their in-flight slots forever and lock every other client out "
-    "with 503 (slowloris); suggested fix: bound the body read by the request timeout (408)",
-)
 def test_stalled_uploads_do_not_hold_slots_past_the_request_timeout(
     held_server: ServerProcess,
 ) -> None:
     """6 clients send headers and 10 bytes of a 1000-byte body, then go silent. They fill
     the 6 slots for a while, but not forever: once the 3 s request timeout has passed
-    they are cut off and other clients are served again."""
+    they are cut off with 408 and other clients are served again."""
     url = held_server.base_url
     head = (
         b"POST /v1/models/b-lenet/classify HTTP/1.1\r\nHost: test\r\n"
@@ -190,6 +184,10 @@ def test_stalled_uploads_do_not_hold_slots_past_the_request_timeout(
         time.sleep(4.5)  # 1.5 x the request timeout
         resp = post_image(url, seed=2)
         assert resp.status_code == 200, resp.text
+        for sock in stalled:
+            sock.settimeout(5)
+            status_line = sock.recv(4096).split(b"\r\n", 1)[0]
+            assert b" 408 " in status_line, status_line
     finally:
         for sock in stalled:
             sock.close()
