@@ -142,6 +142,12 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         help="resumable training state (default: runs/<out name>)",
     )
     g.add_argument("--resume", action="store_true", help="continue from <work-dir>/last.pt")
+    g.add_argument(
+        "--stop-after-epoch",
+        type=int,
+        default=None,
+        help="save the resumable state after this epoch and exit without a checkpoint",
+    )
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="auto", help="cpu | cuda | cuda:N | auto")
     g.add_argument(
@@ -588,7 +594,10 @@ def main(args: argparse.Namespace | None = None) -> Path | None:
         train_seconds += seconds
         if info.world_size > 1:
             dist.barrier()
+        stop = args.stop_after_epoch is not None and epoch + 1 >= args.stop_after_epoch
         if not info.is_main:
+            if stop:
+                break
             continue
         val = evaluate(
             model, ds.val, mean=mean, std=std, device=device,
@@ -619,9 +628,13 @@ def main(args: argparse.Namespace | None = None) -> Path | None:
                 "train_seconds": train_seconds,
             },
         )
+        if stop:
+            log.info("stopped after epoch %d as asked; continue with --resume", epoch + 1)
+            break
 
     out = None
-    if info.is_main:
+    stopped = args.stop_after_epoch is not None and args.stop_after_epoch < args.epochs
+    if info.is_main and not stopped:
         out = calibrate_and_save(
             model, ds, args, device=device, history=history, train_seconds=train_seconds
         )

@@ -199,3 +199,18 @@ def test_torchrun_ddp_on_cpu(mnist_dir: Path, tmp_path: Path) -> None:
     assert len(history) == 1 and ckpt.calibration is not None
     # 1000 training images, 2 ranks, batch 64: 7 full batches per rank, not 15
     assert "7 steps/epoch" in proc.stderr
+
+
+def test_stop_then_resume_matches_an_uninterrupted_cosine_run(
+    mnist_dir: Path, tmp_path: Path
+) -> None:
+    sched = ["--schedule", "cosine", "--epochs", "2"]
+    straight = run_main(base_args(mnist_dir, tmp_path / "a", *sched))
+    stopped = run_main(base_args(mnist_dir, tmp_path / "b", *sched, "--stop-after-epoch", "1"))
+    assert stopped is None and not (tmp_path / "b").exists()
+    resumed = run_main(base_args(mnist_dir, tmp_path / "b", *sched, "--resume"))
+    assert straight is not None and resumed is not None
+    a = models.load_checkpoint(straight).model.state_dict()
+    b = models.load_checkpoint(resumed).model.state_dict()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
