@@ -28,15 +28,34 @@ if [[ "$what" == all || "$what" == mnist ]]; then
     train b-lenet --model b-lenet --dataset mnist --epochs 20 --batch-size 128 \
         --optimizer adam --lr 1e-3 --schedule cosine --tolerance 0.001 &
     wait
-    "$PY" -m training.evaluate --checkpoint zoo/b-lenet --baseline zoo/lenet --out reports/b-lenet
+    "$PY" -m training.evaluate --checkpoint zoo/b-lenet --baseline zoo/lenet \
+        --latency-threads 1 --latency-onednn off --throughput-threads 1 \
+        --throughput-onednn off --repeats 5 --out reports/b-lenet
 fi
 
 if [[ "$what" == all || "$what" == cifar ]]; then
-    cifar=(--dataset cifar10 --epochs 16 --batch-size 256 --optimizer adam --lr 1e-3
+    # What ran for the committed CIFAR-10 checkpoints. The shared CPU turned out slower
+    # than planned, so the schedule was staged (each stage resumes runs/<name>/last.pt;
+    # a different --epochs re-spans the cosine schedule from the current step):
+    #   1. a 16-epoch cosine run, stopped after epoch 2;
+    #   2. resumed with a 10-epoch horizon and finished (the first committed zoo entry);
+    #   3. a warm restart from epoch 10 with a 16-epoch horizon, written to runs/cont/
+    #      and copied into zoo/ (the checkpoint committed last).
+    cifar=(--dataset cifar10 --batch-size 256 --optimizer adam --lr 1e-3
            --schedule cosine --warmup-epochs 1 --augment)
-    train alexnet --model alexnet "${cifar[@]}" &
-    train b-alexnet --model b-alexnet "${cifar[@]}" --tolerance 0.005 &
+    stage() {  # name, extra args
+        local name="$1"; shift
+        train "$name" --model "$name" "${cifar[@]}" --epochs 16 --stop-after-epoch 2 "$@"
+        train "$name" --model "$name" "${cifar[@]}" --epochs 10 --resume "$@"
+        nice -n 5 "$PY" -m training.train --threads 1 --no-progress --model "$name" \
+            "${cifar[@]}" --epochs 16 --resume --work-dir "runs/$name" \
+            --out "runs/cont/$name" "$@" >"runs/$name-cont.log" 2>&1
+        rm -rf "zoo/$name" && cp -r "runs/cont/$name" "zoo/$name"
+    }
+    stage alexnet &
+    stage b-alexnet --tolerance 0.005 &
     wait
     "$PY" -m training.evaluate --checkpoint zoo/b-alexnet --baseline zoo/alexnet \
-        --out reports/b-alexnet
+        --latency-threads 1 --latency-onednn on --throughput-threads 1 \
+        --throughput-onednn on --latency-samples 2000 --repeats 3 --out reports/b-alexnet
 fi
