@@ -133,10 +133,71 @@ def sweep(
 ) -> list[OperatingPoint]:
     """Every combination of ``grid`` values over the early exits (Cartesian product)."""
     values = sorted(set(float(g) for g in grid))
+    grids = [values] * (data.num_exits - 1)
+    acc, shares, cost = evaluate_grid(data, exit_macs, grids)
     combos = list(itertools.product(values, repeat=data.num_exits - 1))
-    t = torch.tensor(combos, dtype=torch.float32).reshape(len(combos), data.num_exits - 1)
-    acc, shares, cost = evaluate_many(data, exit_macs, t)
+    acc, shares, cost = acc.reshape(-1), shares.reshape(-1, data.num_exits), cost.reshape(-1)
     return [_point(combo, acc[k], shares[k], cost[k], exit_macs) for k, combo in enumerate(combos)]
+
+
+def evaluate_grid(
+    data: CalibrationData, exit_macs: Sequence[int], grids: Sequence[Sequence[float]]
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Accuracy, exit shares and expected MACs of every setting in the Cartesian product
+    of ``grids`` (one ascending list of thresholds per early exit), exactly.
+
+    Evaluating each setting on every sample costs O(settings × N). Instead, with sorted
+    candidates, sample n leaves at exit i under setting (c_0, ..., c_{E-2}) iff
+    ``c_i >= r_i(n)`` and ``c_j < r_j(n)`` for every j < i, where ``r_i(n)`` counts the
+    candidates ``<= entropy_i(n)`` (strict ``<`` of the exit rule). So one histogram of
+    the samples over (r_0, ..., r_{E-2}) and cumulative sums along each axis give every
+    setting's counts at once: O(N + settings × E) time and memory.
+
+    Returns:
+        ``acc`` of shape ``(K_0, ..., K_{E-2})``, ``shares`` of shape ``(K_0, ..., E)``,
+        ``cost`` like ``acc``.
+    """
+    early = data.num_exits - 1
+    if len(grids) != early:
+        raise ValueError(f"need {early} threshold grid(s); got {len(grids)}")
+    cands = [torch.tensor(list(g), dtype=torch.float32) for g in grids]
+    for i, c in enumerate(cands):
+        if c.numel() == 0 or (c.numel() > 1 and not bool((c[1:] > c[:-1]).all())):
+            raise ValueError(f"grid {i} must be non-empty and strictly ascending")
+    sizes = [c.numel() for c in cands]
+    # r_i(n): how many candidates of exit i are <= the sample's entropy there
+    ranks = [
+        torch.searchsorted(c, data.entropy[:, i].contiguous(), right=True)
+        for i, c in enumerate(cands)
+    ]
+    flat = torch.zeros(data.num_samples, dtype=torch.int64)
+    for r, k in zip(ranks, sizes, strict=True):
+        flat = flat * (k + 1) + r
+    n = float(data.num_samples)
+    ones = torch.ones(data.num_samples, dtype=torch.float64)
+    shares, right = [], []
+    for i in range(data.num_exits):
+        shares.append(_grid_sum(flat, sizes, ones, i) / n)
+        right.append(_grid_sum(flat, sizes, data.correct[:, i].double(), i))
+    share = torch.stack(shares, dim=-1)  # (K_0, ..., E)
+    acc = torch.stack(right, dim=-1).sum(-1) / n  # counts are exact integers until here
+    cost = share @ torch.tensor([float(m) for m in exit_macs], dtype=torch.float64)
+    return acc, share, cost
+
+
+def _grid_sum(flat: Tensor, sizes: list[int], weight: Tensor, exit_: int) -> Tensor:
+    """For every setting c: sum of ``weight`` over the samples leaving at ``exit_``,
+    i.e. with ``r_j > c_j`` for j < exit_ and ``r_exit <= c_exit`` (none for the last)."""
+    shape = [k + 1 for k in sizes]
+    h = torch.bincount(flat, weights=weight, minlength=math.prod(shape)).reshape(shape)
+    for d, k in enumerate(sizes):
+        if d < exit_:  # still in flight: r_d > c_d, a strict suffix sum
+            h = h.flip(d).cumsum(d).flip(d).narrow(d, 1, k)
+        elif d == exit_:  # leaves here: r_d <= c_d, a prefix sum
+            h = h.cumsum(d).narrow(d, 0, k)
+        else:  # later exits do not matter
+            h = h.sum(d, keepdim=True).expand(*h.shape[:d], k, *h.shape[d + 1 :])
+    return h
 
 
 def pareto_frontier(points: Iterable[OperatingPoint]) -> list[OperatingPoint]:
@@ -152,11 +213,16 @@ def pareto_frontier(points: Iterable[OperatingPoint]) -> list[OperatingPoint]:
 
 
 def candidate_thresholds(entropy: Tensor, max_candidates: int) -> list[float]:
-    """Thresholds worth trying at one exit: 0 (nobody leaves) and midpoints between
-    consecutive distinct entropies (each admits one more group of samples), thinned to
-    ``max_candidates`` evenly over the distribution when there are more."""
-    u = torch.unique(entropy.double())  # sorted
-    cuts = torch.cat([(u[:-1] + u[1:]) / 2, u[-1:] + 1.0])
+    """Thresholds worth trying at one exit, ascending: 0 (nobody leaves) and one cut just
+    above each distinct entropy (each admits one more group of samples), thinned to
+    ``max_candidates`` evenly over the distribution when there are more.
+
+    A cut sits midway to the next distinct entropy, computed in float32 as the engine
+    compares, and never on an entropy itself (strict ``<`` would not admit it).
+    """
+    u = torch.unique(entropy.float())  # sorted
+    above = torch.cat([u[1:], u[-1:] + 1.0])
+    cuts = torch.maximum((u + above) / 2, torch.nextafter(u, torch.full_like(u, math.inf)))
     if cuts.numel() > max_candidates - 1:
         pick = torch.linspace(0, cuts.numel() - 1, max_candidates - 1).round().long().unique()
         cuts = cuts[pick]
@@ -202,8 +268,9 @@ def choose_thresholds(
 
     per_exit = max(2, int(budget ** (1.0 / early)))
     cands = [candidate_thresholds(data.entropy[:, i], per_exit) for i in range(early)]
+    acc, shares, cost = evaluate_grid(data, exit_macs, cands)
+    acc, shares, cost = acc.reshape(-1), shares.reshape(-1, data.num_exits), cost.reshape(-1)
     combos = torch.tensor(list(itertools.product(*cands)), dtype=torch.float64)
-    acc, shares, cost = evaluate_many(data, exit_macs, combos.float())
     feasible = acc >= goal - 1e-12
     if not feasible.any():
         raise ValueError(

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import models
-from models.calibration import candidate_thresholds, evaluate_many
+from models.calibration import candidate_thresholds, evaluate_grid, evaluate_many
 
 MACS = [10, 30, 100]
 
@@ -130,3 +130,30 @@ def test_calibration_data_validation() -> None:
         models.CalibrationData(
             entropy=torch.tensor([[math.nan, 0.0]]), correct=torch.zeros(1, 2).bool()
         )
+
+
+@pytest.mark.parametrize("exits", [2, 3, 4])
+def test_grid_evaluation_equals_per_setting_evaluation(exits: int) -> None:
+    """The histogram shortcut of evaluate_grid against evaluating each setting on every
+    sample, with entropies that sit exactly on grid values (ties must not leave)."""
+    torch.manual_seed(exits)
+    grid = [0.0, 0.25, 0.5, 1.0, 2.0]
+    e = torch.tensor(grid)[torch.randint(0, 5, (300, exits))] + (torch.rand(300, exits) < 0.5) * 0.1
+    d = models.CalibrationData(entropy=e, correct=torch.rand(300, exits) > 0.4)
+    macs = [10 * (i + 1) for i in range(exits)]
+    acc, shares, cost = evaluate_grid(d, macs, [grid] * (exits - 1))
+    combos = torch.tensor(list(itertools.product(grid, repeat=exits - 1))).reshape(-1, exits - 1)
+    acc2, shares2, cost2 = evaluate_many(d, macs, combos)
+    torch.testing.assert_close(acc.reshape(-1), acc2)
+    torch.testing.assert_close(shares.reshape(-1, exits), shares2)
+    torch.testing.assert_close(cost.reshape(-1), cost2)
+
+
+def test_choice_is_fast_and_small_for_three_exits() -> None:
+    # 5,000 validation samples, 3 exits: the search over 40,000 settings must not
+    # materialise settings x samples (it once peaked at ~9 GB).
+    d = models.CalibrationData(entropy=torch.rand(5000, 3) * 2, correct=torch.rand(5000, 3) > 0.3)
+    p = models.choose_thresholds(d, MACS)
+    again = models.evaluate_thresholds(d, MACS, list(p.thresholds))
+    assert again.accuracy == pytest.approx(p.accuracy)
+    assert again.expected_macs == pytest.approx(p.expected_macs)
