@@ -31,9 +31,9 @@ import httpx
 import numpy as np
 import torch
 from prometheus_client.parser import text_string_to_metric_families
-from torch import nn
 
 import models
+from tests.helpers import sharpen_heads
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ADMIN_TOKEN = "reliability-admin-token-8f2c"  # >= 8 characters, as the settings require
@@ -42,16 +42,6 @@ CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 
 
 # --------------------------------------------------------------------------- models
-
-
-def sharpen_heads(net: models.BranchyNet, factor: float = 40.0) -> models.BranchyNet:
-    """Scale every head's last linear layer so a fresh network's entropies spread out."""
-    with torch.no_grad():
-        for head in net.heads:
-            last = [m for m in head.modules() if isinstance(m, nn.Linear)][-1]
-            last.weight.mul_(factor)
-            last.bias.mul_(factor)
-    return net
 
 
 def make_checkpoint(
