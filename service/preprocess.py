@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import io
 import logging
+import re
 import warnings
 
 import numpy as np
@@ -157,4 +158,7 @@ def _to_8bit(img: Image.Image) -> Image.Image:
 
 def _why(exc: BaseException) -> str:
     text = str(exc).strip() or type(exc).__name__
+    # Pillow names the buffer by its repr ("<_io.BytesIO object at 0x7f...>"): noise to a
+    # client, and it leaks addresses.
+    text = re.sub(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>", "", text) or type(exc).__name__
     return text[:200]

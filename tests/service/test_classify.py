@@ -267,3 +267,16 @@ def test_openapi_describes_every_route(app_client: TestClient) -> None:
     classify = doc["paths"]["/v1/models/{name}/classify"]["post"]
     assert {"multipart/form-data", "image/png"} <= set(classify["requestBody"]["content"])
     assert doc["components"]["securitySchemes"]["admin"]["scheme"] == "bearer"
+
+
+def test_bad_image_message_names_the_part_without_internal_reprs(app_client: TestClient) -> None:
+    resp = app_client.post(
+        "/v1/models/b-lenet/classify",
+        content=b"these bytes are no image",
+        headers={"Content-Type": "image/png"},
+    )
+    assert resp.status_code == 400
+    error = resp.json()["error"]
+    assert error["code"] == "bad_image"
+    assert "image 0" in error["message"] and "cannot identify image file" in error["message"]
+    assert " at 0x" not in error["message"] and "BytesIO" not in error["message"]
