@@ -215,6 +215,31 @@ class ServerProcess:
         return self.proc.returncode
 
 
+def server_env(model_repo: Path, tmp: Path) -> dict[str, str]:
+    """The settings every test server starts from: the tiny repository, a fresh state
+    folder, the CPU, one warm-up batch."""
+    return {
+        "BRANCHY_MODEL_REPOSITORY": str(model_repo),
+        "BRANCHY_STATE_DIR": str(tmp / "state"),
+        "BRANCHY_DEVICE": "cpu",
+        "BRANCHY_WARMUP_BATCHES": "1",
+    }
+
+
+@contextlib.contextmanager
+def running_server(
+    model_repo: Path, tmp: Path, env: dict[str, str] | None = None
+) -> Iterator[ServerProcess]:
+    """A ready real server on ``model_repo`` with ``env`` over :func:`server_env`,
+    logging to ``tmp/server.log``; stopped on exit."""
+    proc = ServerProcess({**server_env(model_repo, tmp), **(env or {})}, tmp / "server.log")
+    try:
+        proc.wait_ready()
+        yield proc
+    finally:
+        proc.stop()
+
+
 @pytest.fixture
 def start_server(model_repo: Path, tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
     """Factory of ready server processes, stopped at teardown."""
@@ -223,14 +248,10 @@ def start_server(model_repo: Path, tmp_path: Path) -> Iterator[Callable[..., Ser
     def start(
         env: dict[str, str] | None = None, *, hooked: bool = False, ready: bool = True
     ) -> ServerProcess:
-        base = {
-            "BRANCHY_MODEL_REPOSITORY": str(model_repo),
-            "BRANCHY_STATE_DIR": str(tmp_path / "state"),
-            "BRANCHY_DEVICE": "cpu",
-            "BRANCHY_WARMUP_BATCHES": "1",
-        }
         server = ServerProcess(
-            {**base, **(env or {})}, tmp_path / f"server-{len(servers)}.log", hooked=hooked
+            {**server_env(model_repo, tmp_path), **(env or {})},
+            tmp_path / f"server-{len(servers)}.log",
+            hooked=hooked,
         )
         servers.append(server)
         if ready:
@@ -246,16 +267,5 @@ def start_server(model_repo: Path, tmp_path: Path) -> Iterator[Callable[..., Ser
 def server(model_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """One real server shared by a test module (admin token ``TOKEN``)."""
     tmp = tmp_path_factory.mktemp("server")
-    env = {
-        "BRANCHY_MODEL_REPOSITORY": str(model_repo),
-        "BRANCHY_STATE_DIR": str(tmp / "state"),
-        "BRANCHY_DEVICE": "cpu",
-        "BRANCHY_WARMUP_BATCHES": "1",
-        "BRANCHY_ADMIN_TOKEN": TOKEN,
-    }
-    proc = ServerProcess(env, tmp / "server.log")
-    try:
-        proc.wait_ready()
+    with running_server(model_repo, tmp, {"BRANCHY_ADMIN_TOKEN": TOKEN}) as proc:
         yield proc
-    finally:
-        proc.stop()

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from tests.service import badimages as bad
-from tests.service.conftest import TOKEN, ServerProcess
+from tests.service.conftest import TOKEN, ServerProcess, running_server
 from tests.service.reliability_support import (
     assert_error,
     error_of,
@@ -38,22 +38,13 @@ def limited_server(
     model_repo: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[ServerProcess]:
     """One real server for the module, with small body and image-count limits."""
-    tmp = tmp_path_factory.mktemp("bad-input")
     env = {
-        "BRANCHY_MODEL_REPOSITORY": str(model_repo),
-        "BRANCHY_STATE_DIR": str(tmp / "state"),
-        "BRANCHY_DEVICE": "cpu",
-        "BRANCHY_WARMUP_BATCHES": "1",
         "BRANCHY_ADMIN_TOKEN": TOKEN,
         "BRANCHY_MAX_BODY_BYTES": str(MAX_BODY),
         "BRANCHY_MAX_IMAGES_PER_REQUEST": str(MAX_IMAGES),
     }
-    proc = ServerProcess(env, tmp / "server.log")
-    try:
-        proc.wait_ready()
+    with running_server(model_repo, tmp_path_factory.mktemp("bad-input"), env) as proc:
         yield proc
-    finally:
-        proc.stop()
 
 
 @pytest.fixture(scope="module")

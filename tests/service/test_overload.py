@@ -21,7 +21,7 @@ import psutil
 import pytest
 
 from tests.service import badimages as bad
-from tests.service.conftest import ServerProcess
+from tests.service.conftest import ServerProcess, running_server
 from tests.service.reliability_support import assert_error, metric_total, parse_metrics
 
 LENET = bad.Target("b-lenet", 1, 28, 28, 1)
@@ -63,24 +63,15 @@ def held_server(
 ) -> Iterator[ServerProcess]:
     """A server whose admitted images wait 1 s for their batch (a long batch delay), with
     a queue of 4 images, at most 6 requests in flight and a 3 s request timeout."""
-    tmp = tmp_path_factory.mktemp("held")
     env = {
-        "BRANCHY_MODEL_REPOSITORY": str(model_repo),
         "BRANCHY_MODELS": "b-lenet",
-        "BRANCHY_STATE_DIR": str(tmp / "state"),
-        "BRANCHY_DEVICE": "cpu",
-        "BRANCHY_WARMUP_BATCHES": "1",
         "BRANCHY_MAX_QUEUE": "4",
         "BRANCHY_MAX_BATCH_DELAY_MS": "1000",
         "BRANCHY_MAX_CONCURRENT_REQUESTS": "6",
         "BRANCHY_REQUEST_TIMEOUT_S": "3",
     }
-    proc = ServerProcess(env, tmp / "server.log")
-    try:
-        proc.wait_ready()
+    with running_server(model_repo, tmp_path_factory.mktemp("held"), env) as proc:
         yield proc
-    finally:
-        proc.stop()
 
 
 def test_full_queue_answers_503_with_retry_after_at_once(held_server: ServerProcess) -> None:
