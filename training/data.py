@@ -271,7 +271,9 @@ def load_image_folder(folder: Path, *, cache_dir: Path | None) -> tuple[Split, l
     split = Split(decode_files(files), torch.tensor(labels, dtype=torch.int64))
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(".tmp")
+        # A per-process name: two trainings started together both decode and write,
+        # and the last os.replace wins with an identical file.
+        tmp = cache.with_suffix(f".{os.getpid()}.tmp")
         torch.save({"images": split.images, "labels": split.labels}, tmp)
         os.replace(tmp, cache)
     return split, classes

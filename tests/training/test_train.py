@@ -214,3 +214,41 @@ def test_stop_then_resume_matches_an_uninterrupted_cosine_run(
     b = models.load_checkpoint(resumed).model.state_dict()
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+
+
+def test_time_budget_shortens_the_run_and_re_spans_the_schedule() -> None:
+    args = train.get_args_parser().parse_args(
+        ["--model", "b-lenet", "--dataset", "mnist", "--out", "unused", "--epochs", "10",
+         "--schedule", "cosine", "--time-budget", "100"]
+    )  # fmt: skip
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    factor = train.build_scheduler(args, opt, steps_per_epoch=4).lr_lambdas[0]
+    assert factor(20) == pytest.approx(0.5)  # half-way through 10 epochs of 4 steps
+    # 2 epochs took 40 s, so 3 more fit in the remaining 60 s: 5 in all
+    train.fit_time_budget(args, 2, 2, 40.0, train.DistInfo(), torch.device("cpu"))
+    assert args.epochs == 5
+    assert factor(20) == pytest.approx(0.0)  # the cosine now ends at step 20
+    train.fit_time_budget(args, 3, 3, 30.0, train.DistInfo(), torch.device("cpu"))
+    assert args.epochs == 5  # never lengthened
+    train.fit_time_budget(args, 4, 4, 400.0, train.DistInfo(), torch.device("cpu"))
+    assert args.epochs == 4  # over budget: stop after the epochs already run
+
+
+def test_time_budget_ends_training_with_a_checkpoint(mnist_dir: Path, tmp_path: Path) -> None:
+    out = run_main(base_args(mnist_dir, tmp_path / "ck", "--epochs", "5", "--time-budget", "0"))
+    assert out is not None
+    ckpt = models.load_checkpoint(out)
+    assert [h["epoch"] for h in ckpt.metrics["history"]] == [1]
+    assert json.loads((out / "args.json").read_text())["epochs"] == 1
+
+
+def test_amp_is_off_on_cpu_unless_asked_and_trains_in_bfloat16_when_asked(
+    mnist_dir: Path, tmp_path: Path
+) -> None:
+    plain = run_main(base_args(mnist_dir, tmp_path / "plain", "--epochs", "1"))
+    assert plain is not None and json.loads((plain / "args.json").read_text())["amp"] is False
+    amp = run_main(base_args(mnist_dir, tmp_path / "amp", "--epochs", "2", "--amp"))
+    assert amp is not None and json.loads((amp / "args.json").read_text())["amp"] is True
+    history = models.load_checkpoint(amp).metrics["history"]
+    assert history[1]["loss"] < history[0]["loss"]
+    assert min(models.load_checkpoint(amp).metrics["val_exit_accuracy"]) > 0.5
