@@ -54,22 +54,23 @@ def split_on_oom(
     try:
         return run(x, thresholds)
     except torch.cuda.OutOfMemoryError:
-        n = x.shape[0]
-        if n <= 1:
+        if x.shape[0] <= 1:
             raise
-        if x.is_cuda:
-            torch.cuda.empty_cache()
-        half = n // 2
-        logger.warning(
-            "out of memory on a batch of %d; splitting it into %d + %d", n, half, n - half
-        )
-        a = split_on_oom(run, x[:half], thresholds[:half])
-        b = split_on_oom(run, x[half:], thresholds[half:])
-        return ExitResult(
-            torch.cat([a.logits, b.logits]),
-            torch.cat([a.exit_index, b.exit_index]),
-            torch.cat([a.entropy, b.entropy]),
-        )
+    # Split only after leaving the except block: while it is active, the exception's
+    # traceback keeps the failed attempt's frames, and so its GPU tensors, alive, and
+    # empty_cache() could not give their memory back.
+    if x.is_cuda:
+        torch.cuda.empty_cache()
+    n = x.shape[0]
+    half = n // 2
+    logger.warning("out of memory on a batch of %d; splitting it into %d + %d", n, half, n - half)
+    a = split_on_oom(run, x[:half], thresholds[:half])
+    b = split_on_oom(run, x[half:], thresholds[half:])
+    return ExitResult(
+        torch.cat([a.logits, b.logits]),
+        torch.cat([a.exit_index, b.exit_index]),
+        torch.cat([a.entropy, b.entropy]),
+    )
 
 
 @dataclass(frozen=True)

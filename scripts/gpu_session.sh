@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# Everything this project measures on a GPU, in one run of about 8 minutes: the script
+# given to a rented GPU machine (one H100/H200, a few minutes per task), which receives
+# only the repository. Results land in $OUT as at most 8 files (the transfer's limit).
+#
+# Before the call, on the development machine (the data and the service's Python
+# dependencies must travel inside the repository, in git-ignored folders):
+#   python scripts/pack_files.py pack ../shared/data/cifar10 .device-data/cifar10.pack
+#   pip download ... -d .whl fastapi starlette pydantic ...   (see docs/gpu.md)
+# On the GPU machine (python3 there has torch):
+#   OUT=/some/dir bash scripts/gpu_session.sh
+#
+# Steps: 1. versions and GPU; 2. the service's dependencies from .whl/; 3. CIFAR-10
+# unpacked and checked against the digest in ../shared/data/README.md; 4. ResNet-110 and
+# B-ResNet-110 trained side by side within TRAIN_BUDGET seconds each, then evaluated on
+# the GPU; 5. the committed AlexNet / B-AlexNet evaluated on the GPU; 6. the service on
+# CUDA (benchmarks/gpu_service.py); 7. results packed into $OUT.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:?set OUT to the folder for the results}"
+PY="${PY:-python3}"
+TRAIN_BUDGET="${TRAIN_BUDGET:-240}"
+RUNS="${RUNS:-/tmp/gpu-session}"
+DEVICE="${DEVICE:-cuda}"  # DEVICE=cpu with a small PACK: a dry run of this script
+PACK="${PACK:-.device-data/cifar10.pack}"
+CIFAR_DIGEST="${CIFAR_DIGEST:-f10d4c9e536a564f17fa5e8d68ba087d1235e60cd1f21700e11ff43f0647bbb0}"
+mkdir -p "$OUT" "$RUNS"
+exec > >(tee "$OUT/session.log") 2>&1
+t0=$(date +%s)
+step() { echo; echo "=== [$(( $(date +%s) - t0 )) s] $*"; }
+failed=()
+
+step "1. machine"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+"$PY" -c 'import sys, torch; print(sys.version.split()[0], "torch", torch.__version__,
+    "cuda", torch.version.cuda, torch.cuda.is_available() and torch.cuda.get_device_name(0))'
+nproc
+
+step "2. service dependencies"
+if compgen -G ".whl/*.whl" >/dev/null; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl || failed+=(wheels)
+    export PYTHONPATH="$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+else
+    export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+fi
+
+step "3. data"
+export BRANCHY_DATA_DIR="$RUNS/data"
+rm -rf "$BRANCHY_DATA_DIR"
+"$PY" scripts/pack_files.py unpack "$PACK" "$BRANCHY_DATA_DIR/cifar10"
+digest=$(cd "$BRANCHY_DATA_DIR/cifar10" && find train test -type f -name '*.jpg' \
+    | LC_ALL=C sort | xargs sha256sum | sha256sum | cut -d' ' -f1)
+echo "cifar10 digest $digest"
+[[ $digest == "$CIFAR_DIGEST" ]] || { echo "CIFAR-10 differs from the shared copy"; exit 1; }
+
+step "4. ResNet-110 and B-ResNet-110 (budget ${TRAIN_BUDGET} s each, side by side)"
+PY="$PY" RUNS="$RUNS/resnet" TIME_BUDGET="$TRAIN_BUDGET" DEVICE="$DEVICE" \
+    bash scripts/gpu_train_resnet110.sh || failed+=(resnet)
+
+step "5. AlexNet / B-AlexNet (committed zoo) on the GPU"
+"$PY" -m training.evaluate --checkpoint zoo/b-alexnet --baseline zoo/alexnet --device "$DEVICE" \
+    --latency-samples 2000 --repeats 3 --cache-dir "$RUNS/resnet/cache" \
+    --out "$RUNS/report-b-alexnet-gpu" || failed+=(alexnet)
+
+step "6. the service on CUDA"
+"$PY" benchmarks/gpu_service.py --zoo zoo --data-dir "$BRANCHY_DATA_DIR" \
+    --out "$RUNS/service" --device "$DEVICE" ${SERVICE_ARGS:-} || failed+=(service)
+
+step "7. results"
+cp "$RUNS/service/gpu_service.json" "$OUT/" 2>/dev/null
+tar -czf "$OUT/reports.tar.gz" -C "$RUNS" --exclude='*.safetensors' \
+    resnet/report-b-resnet110 resnet/resnet110 resnet/b-resnet110 resnet/times.txt \
+    resnet/resnet110.log resnet/b-resnet110.log report-b-alexnet-gpu service 2>/dev/null
+for m in resnet110 b-resnet110; do
+    [[ -d $RUNS/resnet/$m ]] && tar -cf "$OUT/$m.tar" -C "$RUNS/resnet" "$m"
+done
+ls -l "$OUT"
+echo "failed steps: ${failed[*]:-none}; $(( $(date +%s) - t0 )) s in all"
+[[ ${#failed[@]} == 0 ]]
