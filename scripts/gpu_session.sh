@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Everything this project measures on a GPU, in one run of about 8 minutes: the script
+# Everything this project measures on a GPU, in one run of about 7 minutes: the script
 # given to a rented GPU machine (one H100/H200, a few minutes per task), which receives
 # only the repository. Results land in $OUT as at most 8 files (the transfer's limit).
 #
@@ -11,15 +11,17 @@
 #   OUT=/some/dir bash scripts/gpu_session.sh
 #
 # Steps: 1. versions and GPU; 2. the service's dependencies from .whl/; 3. CIFAR-10
-# unpacked and checked against the digest in ../shared/data/README.md; 4. ResNet-110 and
-# B-ResNet-110 trained side by side within TRAIN_BUDGET seconds each, then evaluated on
-# the GPU; 5. the committed AlexNet / B-AlexNet evaluated on the GPU; 6. the service on
-# CUDA (benchmarks/gpu_service.py); 7. results packed into $OUT.
+# unpacked and checked against the digest in ../shared/data/README.md; 4. seven trainings
+# side by side within TRAIN_BUDGET seconds each: ResNet-110, B-ResNet-110 and the
+# B-AlexNet branch-depth ablation (0-4 extra conv layers in the first branch); 4b.
+# ResNet-110 / B-ResNet-110 evaluated on the GPU; 5. the committed AlexNet / B-AlexNet
+# evaluated on the GPU, with the ablation plot; 6. the service on CUDA
+# (benchmarks/gpu_service.py); 7. results packed into $OUT after every step.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:?set OUT to the folder for the results}"
 PY="${PY:-python3}"
-TRAIN_BUDGET="${TRAIN_BUDGET:-240}"
+TRAIN_BUDGET="${TRAIN_BUDGET:-210}"
 RUNS="${RUNS:-/tmp/gpu-session}"
 DEVICE="${DEVICE:-cuda}"  # DEVICE=cpu with a small PACK: a dry run of this script
 PACK="${PACK:-.device-data/cifar10.pack}"
@@ -54,24 +56,57 @@ digest=$(cd "$BRANCHY_DATA_DIR/cifar10" && find train test -type f -name '*.jpg'
 echo "cifar10 digest $digest"
 [[ $digest == "$CIFAR_DIGEST" ]] || { echo "CIFAR-10 differs from the shared copy"; exit 1; }
 
-step "4. ResNet-110 and B-ResNet-110 (budget ${TRAIN_BUDGET} s each, side by side)"
-PY="$PY" RUNS="$RUNS/resnet" TIME_BUDGET="$TRAIN_BUDGET" DEVICE="$DEVICE" \
-    bash scripts/gpu_train_resnet110.sh || failed+=(resnet)
+collect() {  # what has been produced so far into $OUT (it comes back even on a timeout)
+    cp "$RUNS/service/gpu_service.json" "$OUT/" 2>/dev/null
+    (cd "$RUNS" && tar -czf "$OUT/reports.tar.gz" --exclude='*.safetensors' --exclude=cache \
+        --exclude=data --exclude='work-*' --exclude='last.pt' $(ls -d resnet ablation \
+        report-* service 2>/dev/null)) || true
+}
 
-step "5. AlexNet / B-AlexNet (committed zoo) on the GPU"
+step "4. trainings side by side (budget ${TRAIN_BUDGET} s each): ResNet-110, B-ResNet-110,"
+echo "   and B-AlexNet with 0-4 extra conv layers in its first branch (the ablation)"
+PY="$PY" RUNS="$RUNS/resnet" TIME_BUDGET="$TRAIN_BUDGET" DEVICE="$DEVICE" EVALUATE=0 \
+    bash scripts/gpu_train_resnet110.sh &
+resnet_pid=$!
+# the committed zoo's B-AlexNet recipe (scripts/train_zoo.sh), one run per branch depth
+read -r -a extra <<<"${EXTRA_TRAIN_ARGS:-}"
+mkdir -p "$RUNS/ablation"
+ablation_pids=()
+for k in 0 1 2 3 4; do
+    "$PY" -m training.train --model b-alexnet --b1-extra-convs "$k" --dataset cifar10 \
+        --device "$DEVICE" --epochs 60 --time-budget "$TRAIN_BUDGET" --batch-size 256 \
+        --optimizer adam --lr 1e-3 --schedule cosine --warmup-epochs 1 --augment \
+        --channels-last --threads 1 --no-progress --tolerance 0.005 \
+        --cache-dir "$RUNS/resnet/cache" "${extra[@]}" --out "$RUNS/ablation/b-alexnet-k$k" \
+        --work-dir "$RUNS/ablation/work-k$k" >"$RUNS/ablation/k$k.log" 2>&1 &
+    ablation_pids+=($!)
+done
+wait "$resnet_pid" || failed+=(resnet-training)
+for pid in "${ablation_pids[@]}"; do wait "$pid" || failed+=(ablation-training); done
+tail -n 2 "$RUNS"/ablation/k*.log
+collect
+
+step "4b. ResNet-110 / B-ResNet-110 on the GPU"
+"$PY" -m training.evaluate --checkpoint "$RUNS/resnet/b-resnet110" \
+    --baseline "$RUNS/resnet/resnet110" --device "$DEVICE" --latency-samples 1000 \
+    --repeats 3 --cache-dir "$RUNS/resnet/cache" --out "$RUNS/report-b-resnet110-gpu" \
+    || failed+=(resnet-evaluate)
+collect
+
+step "5. AlexNet / B-AlexNet (committed zoo) on the GPU, with the ablation"
 "$PY" -m training.evaluate --checkpoint zoo/b-alexnet --baseline zoo/alexnet --device "$DEVICE" \
     --latency-samples 2000 --repeats 3 --cache-dir "$RUNS/resnet/cache" \
-    --out "$RUNS/report-b-alexnet-gpu" || failed+=(alexnet)
+    --ablation $(ls -d "$RUNS"/ablation/b-alexnet-k* 2>/dev/null) \
+    --out "$RUNS/report-b-alexnet-gpu" || failed+=(alexnet-evaluate)
+collect
 
 step "6. the service on CUDA"
 "$PY" benchmarks/gpu_service.py --zoo zoo --data-dir "$BRANCHY_DATA_DIR" \
     --out "$RUNS/service" --device "$DEVICE" ${SERVICE_ARGS:-} || failed+=(service)
+collect
 
 step "7. results"
-cp "$RUNS/service/gpu_service.json" "$OUT/" 2>/dev/null
-tar -czf "$OUT/reports.tar.gz" -C "$RUNS" --exclude='*.safetensors' \
-    resnet/report-b-resnet110 resnet/resnet110 resnet/b-resnet110 resnet/times.txt \
-    resnet/resnet110.log resnet/b-resnet110.log report-b-alexnet-gpu service 2>/dev/null
+collect
 for m in resnet110 b-resnet110; do
     [[ -d $RUNS/resnet/$m ]] && tar -cf "$OUT/$m.tar" -C "$RUNS/resnet" "$m"
 done

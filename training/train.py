@@ -120,6 +120,14 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         default=None,
         help="comma-separated loss weight per exit (default: all 1.0)",
     )
+    g.add_argument(
+        "--clip-grad-norm",
+        type=float,
+        default=None,
+        metavar="MAX",
+        help="clip the gradients' global norm to MAX (B-ResNet's wide linear branch heads "
+        "diverge under SGD at high learning rates without it)",
+    )
     g.add_argument("--label-smoothing", type=float, default=0.0)
     g = p.add_argument_group("calibration")
     g.add_argument(
@@ -337,6 +345,8 @@ def train_one_epoch(
         loss = joint_loss(outputs, labels, weights, smoothing=args.label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if args.clip_grad_norm:
+            nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad_norm)
         optimizer.step()
         scheduler.step()
         total += loss.detach()
@@ -614,6 +624,11 @@ def main(args: argparse.Namespace | None = None) -> Path | None:
         )  # fmt: skip
         seconds = time.perf_counter() - t0
         train_seconds += seconds
+        if not math.isfinite(loss):
+            raise ValueError(
+                f"training diverged in epoch {epoch + 1} (mean loss {loss}); "
+                "lower --lr or set --clip-grad-norm"
+            )
         if info.world_size > 1:
             dist.barrier()
         stop = args.stop_after_epoch is not None and epoch + 1 >= args.stop_after_epoch
