@@ -252,3 +252,36 @@ def test_amp_is_off_on_cpu_unless_asked_and_trains_in_bfloat16_when_asked(
     history = models.load_checkpoint(amp).metrics["history"]
     assert history[1]["loss"] < history[0]["loss"]
     assert min(models.load_checkpoint(amp).metrics["val_exit_accuracy"]) > 0.5
+
+
+def test_a_diverging_run_stops_with_a_clear_error(mnist_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="diverged in epoch 1"):
+        run_main(base_args(mnist_dir, tmp_path / "ck", "--epochs", "2", "--lr", "1e30"))
+    assert not (tmp_path / "ck").exists()  # no checkpoint of a broken model
+
+
+def _grad_norm_after_one_step(*extra: str) -> float:
+    args = train.get_args_parser().parse_args(
+        ["--model", "b-lenet", "--dataset", "mnist", "--out", "unused", "--batch-size", "8",
+         "--no-progress", *extra]
+    )  # fmt: skip
+    args = train.resolve_args(args)
+    torch.manual_seed(0)
+    model = models.build_model("b-lenet")
+    split = data_mod.Split(
+        torch.randint(0, 256, (8, 1, 28, 28), dtype=torch.uint8), torch.randint(0, 10, (8,))
+    )
+    opt = train.build_optimizer(args, model)
+    sched = train.build_scheduler(args, opt, steps_per_epoch=1)
+    train.train_one_epoch(
+        model, opt, sched, split, weights=[1.0, 1.0], mean=torch.zeros(1), std=torch.ones(1),
+        args=args, epoch=0, info=train.DistInfo(), device=torch.device("cpu"),
+    )  # fmt: skip
+    # the step's gradients are still there (they are dropped at the next step)
+    grads = [p.grad.flatten() for p in model.parameters() if p.grad is not None]
+    return float(torch.cat(grads).norm())
+
+
+def test_clip_grad_norm_bounds_the_step() -> None:
+    assert _grad_norm_after_one_step() > 0.8  # the same step unclipped
+    assert _grad_norm_after_one_step("--clip-grad-norm", "0.5") == pytest.approx(0.5, rel=1e-4)
