@@ -19,7 +19,14 @@ import torch
 from torch import Tensor
 
 from models import BranchyNet, Checkpoint, ExitResult
-from service.errors import DeadlineExceeded, InternalError, QueueFull, ShuttingDown, new_error_id
+from service.errors import (
+    DeadlineExceeded,
+    InternalError,
+    ModelChanged,
+    QueueFull,
+    ShuttingDown,
+    new_error_id,
+)
 from service.metrics import Metrics
 
 logger = logging.getLogger(__name__)
@@ -177,6 +184,7 @@ class Classified:
     inference_s: float
     batch_size: int
     thresholds: tuple[float, ...]
+    class_names: Sequence[str]  # of the engine that answered (a reload may follow)
 
 
 @dataclass(eq=False)
@@ -186,6 +194,11 @@ class _Item:
     future: asyncio.Future[Classified]
     enqueued: float
     deadline: float
+    # The engine in force when the image was queued, and its thresholds then: a reload
+    # that changes the input shape or the exits must not strand queued images, so they
+    # run on the engine they were decoded for (see Batcher._compute).
+    engine: Engine
+    shared_at_submit: tuple[float, ...]
     wait_s: float = field(default=0.0)
 
 
@@ -270,13 +283,22 @@ class Batcher:
                 f"the queue of model {self.name!r} is full ({len(self._items)} of "
                 f"{self.max_queue} images waiting); retry later"
             )
+        engine, shared = self.source.snapshot()
+        shape = tuple(engine.checkpoint.input_spec.shape)
+        t = None if thresholds is None else tuple(float(v) for v in thresholds)
+        if any(tuple(x.shape) != shape for x in xs) or (
+            t is not None and len(t) != engine.num_exits - 1
+        ):
+            raise ModelChanged(
+                f"model {self.name!r} was reloaded with a different input shape or number "
+                "of exits while this request was being decoded; retry"
+            )
         loop = asyncio.get_running_loop()
         now = time.monotonic()
-        t = None if thresholds is None else tuple(float(v) for v in thresholds)
         futures = []
         for x in xs:
             fut: asyncio.Future[Classified] = loop.create_future()
-            self._items.append(_Item(x, t, fut, now, deadline))
+            self._items.append(_Item(x, t, fut, now, deadline, engine, shared))
             futures.append(fut)
         self.metrics.queue_depth.labels(self.name).set(len(self._items))
         self._wakeup.set()
@@ -363,7 +385,24 @@ class Batcher:
     def _compute(self, batch: list[_Item]) -> list[Classified]:
         # Runs in the worker thread. Engine and thresholds are read once: the whole batch
         # sees one model and one threshold setting even while an admin changes them.
+        # Images queued before a reload run on the engine they were decoded for, with the
+        # thresholds in force then (in practice a batch has one group).
         engine, shared = self.source.snapshot()
+        groups: dict[int, list[int]] = {}
+        for k, item in enumerate(batch):
+            groups.setdefault(id(item.engine), []).append(k)
+        results: list[Classified | None] = [None] * len(batch)
+        for ks in groups.values():
+            items = [batch[k] for k in ks]
+            run_on = items[0].engine
+            default = shared if run_on is engine else items[0].shared_at_submit
+            for k, out in zip(ks, self._run_group(run_on, default, items), strict=True):
+                results[k] = out
+        return [r for r in results if r is not None]
+
+    def _run_group(
+        self, engine: Engine, shared: tuple[float, ...], batch: list[_Item]
+    ) -> list[Classified]:
         n, e = len(batch), engine.num_exits - 1
         per_sample = [item.thresholds if item.thresholds is not None else shared for item in batch]
         t = torch.tensor(per_sample, dtype=torch.float32).reshape(n, e)
@@ -378,6 +417,7 @@ class Batcher:
         exits = out.exit_index.tolist()
         entropies = out.entropy.tolist()
         conf, cls = out.probabilities.max(dim=1)
+        names = engine.checkpoint.class_names
         results = []
         for k, item in enumerate(batch):
             m.queue_wait.labels(name).observe(item.wait_s)
@@ -396,6 +436,7 @@ class Batcher:
                     inference_s=elapsed,
                     batch_size=n,
                     thresholds=per_sample[k],
+                    class_names=names,
                 )
             )
         return results

@@ -121,6 +121,12 @@ class NotReady(ServiceError):
         super().__init__(message, headers={"Retry-After": "1"})
 
 
+class ModelChanged(NotReady):
+    """A reload changed the model's input shape or exits between decoding and queueing."""
+
+    code = "model_changed"
+
+
 class ShuttingDown(NotReady):
     """The server stopped accepting work (SIGTERM); the client should retry elsewhere."""
 

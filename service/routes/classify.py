@@ -121,7 +121,7 @@ async def classify_images(
     decode_s = time.perf_counter() - t0
     answers = await inference.classify(model, inputs, settings, started=started, thresholds=own)
 
-    names = model.checkpoint.class_names
+    names = answers[0].class_names  # the answering engine's, even after a reload
     k = None if top_k is None else min(top_k, len(names))
     results = []
     for i, (a, (filename, _)) in enumerate(zip(answers, images, strict=True)):

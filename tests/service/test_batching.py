@@ -3,11 +3,13 @@ queue bound, deadline drop, a failing batch, out-of-memory splitting, request li
 
 from __future__ import annotations
 
+import asyncio
 import struct
 import time
 import zlib
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,9 +17,11 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 import service.batcher
-from models import build_model
-from service.batcher import split_on_oom
-from tests.service.conftest import CIFAR, MNIST, encode, random_pixels
+from models import build_model, load_checkpoint
+from service.batcher import Batcher, Classified, Engine, split_on_oom
+from service.errors import ModelChanged
+from service.metrics import Metrics
+from tests.service.conftest import CIFAR, MNIST, encode, offline_input, random_pixels
 
 PNG = {"content-type": "image/png"}
 
@@ -279,3 +283,47 @@ def test_decompression_bomb_refused_from_its_header(make_client: Callable[..., T
     ok = client.post("/v1/models/b-lenet/classify", content=encode(random_pixels(MNIST, 1)[0]),
                      headers=PNG)  # fmt: skip
     assert ok.status_code == 200
+
+
+class _Swappable:
+    """A ModelSource whose engine a test replaces, as an admin reload does."""
+
+    def __init__(self, engine: Engine, thresholds: tuple[float, ...]) -> None:
+        self.current = (engine, thresholds)
+
+    def snapshot(self) -> tuple[Engine, tuple[float, ...]]:
+        return self.current
+
+
+def test_images_queued_before_a_reload_that_changes_the_model_run_on_their_engine(
+    model_repo: Path,
+) -> None:
+    """A reload to a net with another input shape and exit count strands no queued image."""
+    lenet = Engine(load_checkpoint(model_repo / "b-lenet"), torch.device("cpu"))
+    alexnet = Engine(load_checkpoint(model_repo / "b-alexnet"), torch.device("cpu"))
+    source = _Swappable(lenet, (0.5,))
+    x_old = offline_input(random_pixels(MNIST, 6, seed=3), MNIST)
+    x_new = offline_input(random_pixels(CIFAR, 2, seed=4), CIFAR)
+
+    async def scenario() -> tuple[list[Classified], list[Classified]]:
+        batcher = Batcher("m", source, Metrics(), max_batch_size=64, max_delay_s=0.2, max_queue=64)
+        batcher.start()
+        old = batcher.submit(list(x_old[:3]), deadline=time.monotonic() + 30)
+        old += batcher.submit(list(x_old[3:]), deadline=time.monotonic() + 30, thresholds=[0.0])
+        source.current = (alexnet, (0.1, 0.2))  # the reload, while those six wait
+        with pytest.raises(ModelChanged):  # decoded for the old model, queued after
+            batcher.submit(list(x_old[:1]), deadline=time.monotonic() + 30)
+        new = batcher.submit(list(x_new), deadline=time.monotonic() + 30)
+        answers = await asyncio.gather(*old), await asyncio.gather(*new)
+        await batcher.stop()
+        return answers
+
+    old, new = asyncio.run(scenario())
+    want_old = lenet.run(x_old, torch.tensor([[0.5]] * 3 + [[0.0]] * 3))
+    assert [a.exit_index for a in old] == want_old.exit_index.tolist()
+    assert [a.class_index for a in old] == want_old.probabilities.argmax(1).tolist()
+    assert [a.thresholds for a in old] == [(0.5,)] * 3 + [(0.0,)] * 3
+    assert all(a.class_names == lenet.checkpoint.class_names for a in old)
+    want_new = alexnet.run(x_new, torch.tensor([[0.1, 0.2]] * 2))
+    assert [a.exit_index for a in new] == want_new.exit_index.tolist()
+    assert all(a.class_names == alexnet.checkpoint.class_names for a in new)
