@@ -34,27 +34,20 @@ if [[ "$what" == all || "$what" == mnist ]]; then
 fi
 
 if [[ "$what" == all || "$what" == cifar ]]; then
-    # What ran for the committed CIFAR-10 checkpoints. The shared CPU turned out slower
-    # than planned, so the schedule was staged (each stage resumes runs/<name>/last.pt;
-    # a different --epochs re-spans the cosine schedule from the current step):
-    #   1. a 16-epoch cosine run, stopped after epoch 2;
-    #   2. resumed with a 10-epoch horizon and finished (the first committed zoo entry);
-    #   3. a warm restart from epoch 10 with a 16-epoch horizon, written to runs/cont/
-    #      and copied into zoo/ (the checkpoint committed last).
+    # Up to 60 epochs each, cut to what fits in 95 minutes (--time-budget; on this
+    # machine, shared with other work: AlexNet 55 epochs, B-AlexNet 43, see each
+    # checkpoint's args.json), with bfloat16 autocast (--amp) and channels-last, 1.6x
+    # faster than float32 here. (The committed runs wrote to runs/e60-out/<name> with
+    # --work-dir runs/e60/<name> and were copied into zoo/.) B-AlexNet's thresholds are
+    # then re-chosen on the validation split so that it is at least as accurate there
+    # as AlexNet (its 0.5 pp tolerance rule gave 80.50% against AlexNet's 80.54%).
     cifar=(--dataset cifar10 --batch-size 256 --optimizer adam --lr 1e-3
-           --schedule cosine --warmup-epochs 1 --augment)
-    stage() {  # name, extra args
-        local name="$1"; shift
-        train "$name" --model "$name" "${cifar[@]}" --epochs 16 --stop-after-epoch 2 "$@"
-        train "$name" --model "$name" "${cifar[@]}" --epochs 10 --resume "$@"
-        nice -n 5 "$PY" -m training.train --threads 1 --no-progress --model "$name" \
-            "${cifar[@]}" --epochs 16 --resume --work-dir "runs/$name" \
-            --out "runs/cont/$name" "$@" >"runs/$name-cont.log" 2>&1
-        rm -rf "zoo/$name" && cp -r "runs/cont/$name" "zoo/$name"
-    }
-    stage alexnet &
-    stage b-alexnet --tolerance 0.005 &
+           --schedule cosine --warmup-epochs 1 --augment --amp --channels-last
+           --epochs 60 --time-budget 5700)
+    train alexnet --model alexnet "${cifar[@]}" &
+    train b-alexnet --model b-alexnet "${cifar[@]}" --tolerance 0.005 &
     wait
+    "$PY" -m training.calibrate --checkpoint zoo/b-alexnet --match-baseline zoo/alexnet
     "$PY" -m training.evaluate --checkpoint zoo/b-alexnet --baseline zoo/alexnet \
         --latency-threads 1 --latency-onednn on --throughput-threads 1 \
         --throughput-onednn on --latency-samples 2000 --repeats 3 --out reports/b-alexnet
