@@ -590,7 +590,8 @@ def check_oom(result: dict[str, Any], ref: Reference, args: argparse.Namespace) 
         calls.append((xb.shape[0], "ok"))
         return out
 
-    torch.cuda.set_per_process_memory_fraction(fraction, device)
+    # torch 2.11 wants an indexed device here ("cuda" alone raised ValueError on the H200)
+    torch.cuda.set_per_process_memory_fraction(fraction, torch.cuda.current_device())
     try:
         # 1. The whole batch through plain run_model must really run out of memory.
         plain_oom = False
@@ -629,7 +630,7 @@ def check_oom(result: dict[str, Any], ref: Reference, args: argparse.Namespace) 
         finally:
             batcher.run_model = original
     finally:
-        torch.cuda.set_per_process_memory_fraction(1.0, device)
+        torch.cuda.set_per_process_memory_fraction(1.0, torch.cuda.current_device())
         torch.cuda.empty_cache()
 
     ok_sizes = [s for s, what in calls if what == "ok"]
