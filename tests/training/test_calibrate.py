@@ -1,0 +1,78 @@
+"""Offline re-calibration (``python -m training.calibrate``) of a trained checkpoint."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import models
+from training import calibrate, train
+
+
+@pytest.fixture(scope="module")
+def trained(mnist_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("calib")
+    out = {}
+    for name in ("b-lenet", "lenet"):
+        argv = [
+            "--model", name, "--dataset", "mnist", "--data-dir", str(mnist_dir),
+            "--val-size", "200", "--batch-size", "64", "--threads", "1", "--no-progress",
+            "--epochs", "1", "--out", str(root / name), "--work-dir", str(root / f"{name}-w"),
+        ]  # fmt: skip
+        path = train.main(train.get_args_parser().parse_args(argv))
+        assert path is not None
+        out[name] = path
+    return out
+
+
+def test_match_baseline_picks_the_cheapest_thresholds_at_the_baselines_accuracy(
+    trained: dict[str, Path], tmp_path: Path
+) -> None:
+    ckpt_dir = tmp_path / "b-lenet"
+    shutil.copytree(trained["b-lenet"], ckpt_dir)
+    before = models.load_checkpoint(ckpt_dir)
+    base = models.load_checkpoint(trained["lenet"])
+    target = base.metrics["val_exit_accuracy"][-1]
+
+    point = calibrate.main(
+        ["--checkpoint", str(ckpt_dir), "--match-baseline", str(trained["lenet"])]
+    )
+
+    after = models.load_checkpoint(ckpt_dir)
+    assert point["accuracy"] >= target
+    want = models.choose_thresholds(before.calibration, before.model.exit_macs(), target=target)
+    assert after.thresholds == pytest.approx(list(want.thresholds))
+    rule = after.metrics["calibration_rule"]
+    assert rule["target_accuracy"] == target and rule["match_baseline"] == str(trained["lenet"])
+    # the old choice is kept as history; weights and calibration data are untouched
+    assert after.metrics["calibration_history"][0]["point"] == before.metrics["val_calibrated"]
+    for k, v in before.model.state_dict().items():
+        assert torch.equal(v, after.model.state_dict()[k]), k
+    assert torch.equal(before.calibration.entropy, after.calibration.entropy)
+
+
+def test_tolerance_rule_and_a_baseline_from_another_split_is_refused(
+    trained: dict[str, Path], tmp_path: Path
+) -> None:
+    ckpt_dir = tmp_path / "b-lenet"
+    shutil.copytree(trained["b-lenet"], ckpt_dir)
+    point = calibrate.main(["--checkpoint", str(ckpt_dir), "--tolerance", "1.0"])
+    macs = models.load_checkpoint(ckpt_dir).model.exit_macs()
+    # any accuracy will do, so every sample leaves at the first exit
+    assert point["exit_shares"][0] == 1.0
+    assert point["relative_cost"] == pytest.approx(macs[0] / macs[-1])
+    assert models.load_checkpoint(ckpt_dir).thresholds == pytest.approx(point["thresholds"])
+
+    other = tmp_path / "lenet-other-split"
+    shutil.copytree(trained["lenet"], other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["provenance"]["split"]["seed"] = 7
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="validation split differs"):
+        calibrate.main(["--checkpoint", str(ckpt_dir), "--match-baseline", str(other)])
+    with pytest.raises(ValueError, match="plain"):
+        calibrate.main(["--checkpoint", str(ckpt_dir), "--match-baseline", str(ckpt_dir)])
