@@ -5,9 +5,11 @@
 #   bash scripts/gpu_train_resnet110.sh                    # 60 epochs at most, 540 s budget
 #   TIME_BUDGET=220 EVALUATE=0 bash scripts/gpu_train_resnet110.sh   # gpu_session.sh
 #
-# Both trainings share the GPU: ResNet-110 on 32x32 images is bound by kernel launches,
-# not arithmetic, so two processes side by side use the GPU better than one after the
-# other. --time-budget makes each one fit its epoch count to the budget after the first
+# Both trainings share the GPU: two processes side by side ran 5-6 s per ResNet-110
+# epoch on an H200 (batch 512, about 11 TFLOP/s: small convolutions and per-operator
+# dispatch, not arithmetic, bound it). Seven side by side (with the B-AlexNet ablation)
+# slowed each to 17-20 s per epoch, so gpu_session.sh now runs the ablation after them.
+# --time-budget makes each training fit its epoch count to the budget after the first
 # epoch (the cosine schedule re-spans to the new end), so the run ends in time whatever
 # the GPU; the epochs actually run are in each checkpoint's args.json and log.
 #
@@ -15,9 +17,7 @@
 # it there), augmentation as batched tensor ops on the GPU (no data-loader workers),
 # bfloat16 autocast (the default on CUDA), channels-last memory format, and large batches
 # with a warm-up and a cosine schedule. No torch.compile: compiling a 110-layer net takes
-# minutes of the budget. Eager ResNet-110 on 32x32 images is bound by the CPU's operator
-# dispatch (an H200 ran an epoch in about 6 s, near 11 TFLOP/s), so several trainings
-# side by side each keep nearly their own speed.
+# minutes of the budget.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export BRANCHY_DATA_DIR="${BRANCHY_DATA_DIR:-$(cd .. && pwd)/shared/data}"
