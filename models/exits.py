@@ -28,9 +28,15 @@ def entropy_from_logits(logits: Tensor) -> Tensor:
     # ±inf logits would make log_softmax compute inf - inf; the largest finite values
     # give the same probabilities without NaN. NaN logits (a broken model) count as 0.
     z = torch.nan_to_num(z, nan=0.0, posinf=finfo.max, neginf=finfo.min)
-    log_p = torch.log_softmax(z, dim=-1).clamp_min(finfo.min)
-    h = -(log_p.exp() * log_p).sum(dim=-1)
-    return h.clamp(min=0.0, max=math.log(max(z.shape[-1], 1)))
+    log_p = torch.log_softmax(z, dim=-1)
+    top = math.log(max(z.shape[-1], 1))
+    if log_p.requires_grad:  # autograd needs log_p as log_softmax left it
+        log_p = log_p.clamp_min(finfo.min)
+        return (-(log_p.exp() * log_p).sum(dim=-1)).clamp(min=0.0, max=top)
+    # The same ops, in place on tensors made here: at batch 1 the allocations cost
+    # about as much as the arithmetic. Same kernels, so the same values.
+    log_p.clamp_min_(finfo.min)
+    return log_p.exp().mul_(log_p).sum(dim=-1).neg_().clamp_(min=0.0, max=top)
 
 
 def threshold_matrix(

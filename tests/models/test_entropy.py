@@ -49,3 +49,26 @@ def test_half_precision(dtype: torch.dtype) -> None:
 def test_ties_between_two_classes() -> None:
     e = entropy_from_logits(torch.tensor([[5.0, 5.0, -1e9]]))
     assert e.item() == pytest.approx(math.log(2), abs=1e-6)
+
+
+def test_inference_and_autograd_paths_give_the_same_bits() -> None:
+    # without autograd the ops run in place; the values must not change
+    torch.manual_seed(0)
+    rows = torch.cat(
+        [
+            torch.randn(64, 10) * 4,
+            torch.tensor([[1e30, -1e30] + [0.0] * 8, [math.inf, math.nan] + [1.0] * 8]),
+        ]
+    )
+    plain = entropy_from_logits(rows)
+    tracked = entropy_from_logits(rows.clone().requires_grad_())
+    assert tracked.requires_grad
+    assert torch.equal(plain, tracked.detach())
+    with torch.no_grad():
+        assert torch.equal(entropy_from_logits(rows.clone().requires_grad_()), plain)
+
+
+def test_gradient_still_flows() -> None:
+    z = torch.randn(4, 10, requires_grad=True)
+    entropy_from_logits(z).sum().backward()
+    assert z.grad is not None and torch.isfinite(z.grad).all()
