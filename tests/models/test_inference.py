@@ -8,12 +8,13 @@ import torch
 from torch import nn
 
 import models
-from models.inference import global_hooks_active, run_module
+from models import inference
+from models.inference import global_hooks_active, max_pool_2x2, run_module
 from tests.helpers import sharpen_heads
 
 
 @pytest.mark.parametrize("name", ["lenet", "b-lenet", "alexnet", "b-alexnet", "b-resnet20"])
-@pytest.mark.parametrize("batch", [1, 5])
+@pytest.mark.parametrize("batch", [1, 5, 16])
 def test_every_stage_and_head_matches_the_module_call_bit_for_bit(name: str, batch: int) -> None:
     torch.manual_seed(0)
     net = models.build_model(name).eval()
@@ -95,3 +96,39 @@ def test_early_exit_leaves_autograd_as_it_found_it() -> None:
     with torch.no_grad():
         assert torch.equal(net.early_exit(x, [1.0]).logits, got.logits)
         assert not torch.is_grad_enabled()
+
+
+@pytest.mark.parametrize("ceil_mode", [True, False])
+def test_split_max_pool_gives_the_2d_kernels_bits(ceil_mode: bool) -> None:
+    # values from a small set, so that windows hold ties, +0.0 next to -0.0, ±inf and NaN
+    vocab = torch.tensor([0.0, -0.0, 1.0, -1.0, math.inf, -math.inf, math.nan, 2.5])
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        n, c, h, w = (int(torch.randint(lo, hi, (), generator=gen)) for lo, hi in
+                      ((1, 4), (1, 4), (2, 13), (2, 13)))  # fmt: skip
+        x = vocab[torch.randint(0, len(vocab), (n, c, h, w), generator=gen)]
+        expected = torch.max_pool2d(x, 2, 2, 0, 1, ceil_mode)
+        got = max_pool_2x2(x, ceil_mode=ceil_mode)
+        assert got.shape == expected.shape and got.is_contiguous()
+        assert torch.equal(got.view(torch.int32), expected.view(torch.int32)), (n, c, h, w)
+
+
+def test_large_cpu_batches_take_the_split_pool(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+
+    def counting(x: torch.Tensor, *, ceil_mode: bool) -> torch.Tensor:
+        calls.append(tuple(x.shape))
+        return max_pool_2x2(x, ceil_mode=ceil_mode)
+
+    monkeypatch.setattr(inference, "max_pool_2x2", counting)
+    pool = nn.MaxPool2d(2, ceil_mode=True)
+    with torch.no_grad():
+        run_module(pool, torch.randn(1, 5, 30, 30))  # small: the 2-D kernel
+        assert calls == []
+        run_module(pool, torch.randn(64, 5, 30, 30))
+        assert calls == [(64, 5, 30, 30)]
+        run_module(nn.MaxPool2d(3, 2, ceil_mode=True), torch.randn(64, 5, 30, 30))
+        assert len(calls) == 1  # only 2x2 windows with stride 2
+    x = torch.randn(64, 5, 30, 30, requires_grad=True)
+    run_module(pool, x).sum().backward()  # autograd on: the 2-D kernel and its backward
+    assert len(calls) == 1 and x.grad is not None
