@@ -16,7 +16,12 @@ from typing import Any, TypeGuard
 import torch
 from torch import Tensor, nn
 
-from models.exits import entropy_from_logits, threshold_matrix, thresholds_for_one
+from models.exits import (
+    entropy_from_logits,
+    entropy_of_one,
+    threshold_matrix,
+    thresholds_for_one,
+)
 from models.inference import global_hooks_active, run_module
 
 
@@ -178,8 +183,8 @@ class BranchyNet(nn.Module):
         for i, (stage, head) in enumerate(zip(self.stages, self.heads, strict=True)):
             h = run(stage, h)
             z = run(head, h).float()
-            e = entropy_from_logits(z)
-            if i == last or e.item() < thresholds[i]:
+            e, value = entropy_of_one(z)
+            if i == last or value < thresholds[i]:
                 index = torch.full((1,), i, dtype=torch.int64, device=x.device)
                 return ExitResult(z, index, e)
         raise AssertionError("unreachable: the last exit always answers")
