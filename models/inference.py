@@ -7,9 +7,9 @@ per layer on a 2-core CPU, against a few µs for the layer's own kernel).
 form of common leaf layers directly, with exactly the arguments their ``forward`` passes,
 so the same kernels run and the results are the same, bit for bit. The one substitution
 is 2×2/stride-2 max-pooling of large CPU batches, done by :func:`max_pool_2x2` with the
-same bits and several times faster. Anything else (a
-ResNet block, a ``torch.compile``-wrapped stage, a module with hooks, a subclass) is
-called as a module, so its behaviour is untouched.
+same bits and several times faster. Anything else (a ResNet block, a
+``torch.compile``-wrapped stage, a module with hooks, a subclass) is called as a
+module, so its behaviour is untouched.
 
 The walk happens on every call (it is cheap), so replacing a submodule or registering a
 hook later takes effect at once: there is no cached plan to go stale.
@@ -72,10 +72,11 @@ def max_pool_2x2(x: Tensor, *, ceil_mode: bool) -> Tensor:
     On CPU, PyTorch's 2-D max-pooling kernel also computes argmax indices and does not
     vectorise over NCHW rows: at batch 256 it costs LeNet more than all its convolutions.
     The 1-D kernel has a fast path without indices when autograd is off. Each window is
-    reduced in the 2-D kernel's scan order (its row pairs first, left to right, then
-    the two rows, top first), with the same rule (a later value wins only if greater,
-    or NaN), so the result is identical to the bit, ties between +0.0 and -0.0 and NaN
-    included. A missing last row in ceil mode is padded with -inf, which never wins.
+    reduced within each of its rows first (left, then right), then across its two rows
+    (top, then bottom), with the 2-D kernel's rule (a later value wins only if greater,
+    or NaN); that picks the same element as the 2-D kernel's row-major scan, so the
+    result is identical to the bit, ties between +0.0 and -0.0 and NaN included. A
+    missing last row in ceil mode is padded with -inf, which never wins.
 
     Args:
         x: ``(N, C, H, W)`` contiguous input; no gradient is tracked through it.
