@@ -183,10 +183,16 @@ class BranchyNet(nn.Module):
         for i, (stage, head) in enumerate(zip(self.stages, self.heads, strict=True)):
             h = run(stage, h)
             z = run(head, h).float()
-            e, value = entropy_of_one(z)
-            if i == last or value < thresholds[i]:
-                index = torch.full((1,), i, dtype=torch.int64, device=x.device)
-                return ExitResult(z, index, e)
+            if i == last and not z.is_cpu:
+                e = entropy_from_logits(z)  # no decision left: no need to sync on the value
+            else:
+                # the decision needs the value on the host; on a CPU, having it also lets
+                # entropy_of_one skip the guards this sample does not need
+                e, value = entropy_of_one(z)
+                if i < last and not value < thresholds[i]:
+                    continue  # not confident enough: on to the next stage
+            index = torch.full((1,), i, dtype=torch.int64, device=x.device)
+            return ExitResult(z, index, e)
         raise AssertionError("unreachable: the last exit always answers")
 
     def exit_macs(self) -> list[int]:
