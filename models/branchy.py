@@ -16,7 +16,13 @@ from typing import Any, TypeGuard
 import torch
 from torch import Tensor, nn
 
-from models.exits import entropy_from_logits, threshold_matrix, thresholds_for_one
+from models.exits import (
+    entropy_from_logits,
+    entropy_of_one,
+    threshold_matrix,
+    thresholds_for_one,
+)
+from models.inference import global_hooks_active, run_module
 
 
 @dataclass(frozen=True)
@@ -42,6 +48,11 @@ class ExitResult:
         return ExitResult(
             self.logits.to(device), self.exit_index.to(device), self.entropy.to(device)
         )
+
+
+def _call(module: nn.Module, h: Tensor) -> Tensor:
+    # the plain module call, used instead of run_module while global hooks are active
+    return module(h)
 
 
 def _plain_numbers(values: object) -> TypeGuard[Sequence[float]]:
@@ -104,7 +115,6 @@ class BranchyNet(nn.Module):
             outs.append(head(h))
         return outs
 
-    @torch.no_grad()
     def early_exit(self, x: Tensor, thresholds: Sequence[float] | Tensor = ()) -> ExitResult:
         """Classify a batch, letting each sample leave at the first confident exit.
 
@@ -122,6 +132,12 @@ class BranchyNet(nn.Module):
         Returns:
             The exit taken, its logits and entropy, per sample, in input order.
         """
+        if torch.is_grad_enabled():
+            with torch.no_grad():
+                return self._early_exit(x, thresholds)
+        return self._early_exit(x, thresholds)  # the caller already disabled autograd
+
+    def _early_exit(self, x: Tensor, thresholds: Sequence[float] | Tensor) -> ExitResult:
         n = x.shape[0]
         last = self.num_exits - 1
         if n == 1 and _plain_numbers(thresholds):
@@ -135,12 +151,13 @@ class BranchyNet(nn.Module):
         entropy = torch.empty((n,), dtype=torch.float32, device=x.device)
         # `alive` maps rows of the compacted batch back to input positions.
         alive = torch.arange(n, device=x.device)
+        run = _call if global_hooks_active() else run_module
         h = x
         for i, (stage, head) in enumerate(zip(self.stages, self.heads, strict=True)):
             if alive.numel() == 0:
                 break
-            h = stage(h)
-            z = head(h).float()  # (b, C)
+            h = run(stage, h)
+            z = run(head, h).float()  # (b, C)
             e = entropy_from_logits(z)  # (b,)
             if i == last:
                 logits[alive] = z
@@ -161,14 +178,21 @@ class BranchyNet(nn.Module):
         # Batch of one: no compaction bookkeeping, one scalar decision per exit. On a
         # CPU a tiny net's time is mostly per-operator overhead, so this path matters.
         last = self.num_exits - 1
+        run = _call if global_hooks_active() else run_module
         h = x
         for i, (stage, head) in enumerate(zip(self.stages, self.heads, strict=True)):
-            h = stage(h)
-            z = head(h).float()
-            e = entropy_from_logits(z)
-            if i == last or e.item() < thresholds[i]:
-                index = torch.full((1,), i, dtype=torch.int64, device=x.device)
-                return ExitResult(z, index, e)
+            h = run(stage, h)
+            z = run(head, h).float()
+            if i == last and not z.is_cpu:
+                e = entropy_from_logits(z)  # no decision left: no need to sync on the value
+            else:
+                # the decision needs the value on the host; on a CPU, having it also lets
+                # entropy_of_one skip the guards this sample does not need
+                e, value = entropy_of_one(z)
+                if i < last and not value < thresholds[i]:
+                    continue  # not confident enough: on to the next stage
+            index = torch.full((1,), i, dtype=torch.int64, device=x.device)
+            return ExitResult(z, index, e)
         raise AssertionError("unreachable: the last exit always answers")
 
     def exit_macs(self) -> list[int]:

@@ -28,9 +28,54 @@ def entropy_from_logits(logits: Tensor) -> Tensor:
     # ±inf logits would make log_softmax compute inf - inf; the largest finite values
     # give the same probabilities without NaN. NaN logits (a broken model) count as 0.
     z = torch.nan_to_num(z, nan=0.0, posinf=finfo.max, neginf=finfo.min)
-    log_p = torch.log_softmax(z, dim=-1).clamp_min(finfo.min)
-    h = -(log_p.exp() * log_p).sum(dim=-1)
-    return h.clamp(min=0.0, max=math.log(max(z.shape[-1], 1)))
+    log_p = torch.log_softmax(z, dim=-1)
+    top = math.log(max(z.shape[-1], 1))
+    if log_p.requires_grad:  # autograd needs log_p as log_softmax left it
+        log_p = log_p.clamp_min(finfo.min)
+        return (-(log_p.exp() * log_p).sum(dim=-1)).clamp(min=0.0, max=top)
+    # The same ops, in place on tensors made here: at batch 1 the allocations cost
+    # about as much as the arithmetic. Same kernels, so the same values.
+    log_p.clamp_min_(finfo.min)
+    return log_p.exp().mul_(log_p).sum(dim=-1).neg_().clamp_(min=0.0, max=top)
+
+
+# Logits whose spread stays below this cannot overflow ``z - max(z)`` in float32
+# (largest finite value about 3.4e38), so log_softmax gives no -inf.
+_SAFE_SPREAD = 1e38
+
+
+def entropy_of_one(logits: Tensor) -> tuple[Tensor, float]:
+    """:func:`entropy_from_logits` of one row, and the same value as a Python float.
+
+    For the batch-of-one engine path, where the decision needs the value on the host
+    anyway. The result is the same, bit for bit: the guards of
+    :func:`entropy_from_logits` (``nan_to_num``, the floor on ``log_p`` and the final
+    clamp to ``[0, ln C]``) each cost a tensor operation, and they are run only when
+    this row needs them, which Python can tell cheaply from the ten-odd logits and
+    the result: finite logits whose spread cannot overflow need neither of the first
+    two, and a value strictly inside ``(0, ln C)`` needs no clamp.
+
+    Args:
+        logits: ``(1, C)`` logits.
+
+    Returns:
+        The ``(1,)`` float32 entropy and its value.
+    """
+    if logits.dtype != torch.float32 or logits.device.type != "cpu" or logits.shape[0] != 1:
+        h = entropy_from_logits(logits)
+        return h, h.item()
+    values = logits.tolist()[0]
+    if not all(map(math.isfinite, values)) or max(values) - min(values) >= _SAFE_SPREAD:
+        h = entropy_from_logits(logits)
+        return h, h.item()
+    log_p = torch.log_softmax(logits, dim=-1)
+    h = log_p.exp().mul_(log_p).sum(dim=-1).neg_()
+    value = h.item()
+    top = math.log(max(len(values), 1))
+    if 0.0 < value < top:  # clamp(0, ln C) would change nothing
+        return h, value
+    h.clamp_(min=0.0, max=top)
+    return h, h.item()
 
 
 def threshold_matrix(

@@ -5,7 +5,7 @@ Example::
     python -m training.evaluate --checkpoint zoo/b-lenet --baseline zoo/lenet \\
         --out reports/b-lenet
 
-Writes ``report.md`` (the seed's table plus throughput and FLOP-ideal gains),
+Writes ``report.md`` (the seed's table plus throughput, FLOP-ideal and time-ideal gains),
 ``report.json`` (every number, the machine and versions) and PNG plots. Thresholds are
 the checkpoint's (chosen on the validation split at training time) unless
 ``--tolerance`` or ``--target-accuracy`` re-chooses them from the checkpoint's
@@ -52,6 +52,7 @@ class NetResult:
     exit_shares: list[float]
     latency: timing.LatencyResult
     throughput: float
+    segments: timing.SegmentTimes
     exit_macs: list[int]
     expected_macs: float
     calibration: CalibrationData
@@ -144,12 +145,13 @@ def measure_all(
     labels: Tensor,
     args: argparse.Namespace,
 ) -> list[NetResult]:
-    """Per-exit accuracy, engine accuracy and exit shares, latency and throughput of
-    several networks on the same inputs.
+    """Per-exit accuracy, engine accuracy and exit shares, latency, throughput and
+    per-segment times of several networks on the same inputs.
 
     The timings interleave the networks (batch-1 latency in four chunks of the samples,
-    alternating which network goes first; throughput one repeat each in turn), so that
-    a change in machine load during the run hits all of them alike.
+    alternating which network goes first; throughput and segment times one repeat each
+    in turn, with the same threads and oneDNN setting), so that a change in machine
+    load during the run hits all of them alike.
     """
     n_lat = min(args.latency_samples or x.shape[0], x.shape[0])
     cpu = x.device.type == "cpu"
@@ -157,6 +159,7 @@ def measure_all(
     cuts = [round(n_lat * i / 4) for i in range(5)]
     lat_parts: list[list[timing.LatencyResult]] = [[] for _ in runs]
     rates: list[list[float]] = [[] for _ in runs]
+    segments: list[list[timing.SegmentTimes]] = [[] for _ in runs]
     try:
         if cpu:
             torch.set_num_threads(args.latency_threads)
@@ -177,6 +180,9 @@ def measure_all(
                     rates[k].append(
                         timing.throughput(ckpt.model, x, thr, batch_size=args.batch_size, repeats=1)
                     )
+                    segments[k].append(
+                        timing.segment_times(ckpt.model, x, batch_size=args.batch_size)
+                    )
     finally:
         torch.set_num_threads(threads)
     results = []
@@ -186,7 +192,8 @@ def measure_all(
             [e for p in lat_parts[k] for e in p.exits],
             [q for p in lat_parts[k] for q in p.predictions],
         )
-        results.append(_accuracy(ckpt, thr, x, labels, lat, max(rates[k])))
+        best = timing.SegmentTimes.best(segments[k])
+        results.append(_accuracy(ckpt, thr, x, labels, lat, max(rates[k]), best))
     return results
 
 
@@ -202,6 +209,7 @@ def _accuracy(
     labels: Tensor,
     lat: timing.LatencyResult,
     tput: float,
+    segments: timing.SegmentTimes,
 ) -> NetResult:
     """The engine's own accuracy and exit shares over the whole split, plus per-exit
     accuracy with every sample through every exit."""
@@ -222,6 +230,7 @@ def _accuracy(
         exit_shares=shares.tolist(),
         latency=lat,
         throughput=tput,
+        segments=segments,
         exit_macs=macs,
         expected_macs=expected,
         calibration=calib,
@@ -304,6 +313,7 @@ def build_report(
     import torchvision
 
     def net_json(r: NetResult) -> dict[str, Any]:
+        predicted = timing.predicted_seconds_per_image(r.segments, r.exit_shares)
         return {
             "name": r.name,
             "checkpoint": r.checkpoint,
@@ -319,6 +329,13 @@ def build_report(
                 "samples": len(r.latency.seconds),
             },
             "throughput_img_s": r.throughput,
+            # batch-size throughput timing: every stage and head alone, µs per image
+            "segment_us_per_image": {
+                "stages": [1e6 * t for t in r.segments.stages],
+                "heads": [1e6 * t for t in r.segments.heads],
+            },
+            "predicted_us_per_image": 1e6 * predicted,  # with zero engine bookkeeping
+            "measured_us_per_image": 1e6 / r.throughput,
             "exit_macs": r.exit_macs,
             "expected_macs": r.expected_macs,
             "entropy": entropy_summary(r.calibration, r.num_classes),
@@ -353,15 +370,23 @@ def build_report(
         "ablation": ablation,
     }
     if baseline:
-        report["gains"] = {
+        b_pred, base_pred = (
+            timing.predicted_seconds_per_image(r.segments, r.exit_shares)
+            for r in (branchy, baseline)
+        )
+        g = report["gains"] = {
             "latency": baseline.latency.median_ms / branchy.latency.median_ms,
             "throughput": branchy.throughput / baseline.throughput,
             "flop_ideal": baseline.exit_macs[-1] / branchy.expected_macs,
+            # time instead of MACs: both nets' segment times, engine bookkeeping free
+            "time_ideal": base_pred / b_pred,
+            # the same against the baseline's measured whole-path time (stricter: the
+            # baseline keeps its own engine overhead, the branchy net has none)
+            "time_ideal_measured_baseline": (1 / baseline.throughput) / b_pred,
             "accuracy_delta_pp": 100 * (branchy.accuracy - baseline.accuracy),
         }
-        report["gains"]["throughput_vs_ideal"] = (
-            report["gains"]["throughput"] / report["gains"]["flop_ideal"]
-        )
+        g["throughput_vs_ideal"] = g["throughput"] / g["flop_ideal"]
+        g["throughput_vs_time_ideal"] = g["throughput"] / g["time_ideal"]
     return report
 
 
@@ -374,7 +399,7 @@ def _fmt_thr(ts: list[float]) -> str:
 
 
 def render_markdown(report: dict[str, Any]) -> str:
-    """``report.md``: the seed's table plus throughput and FLOP-ideal gains."""
+    """``report.md``: the seed's table plus throughput, FLOP-ideal and time-ideal gains."""
     b, base = report["branchy"], report["baseline"]
     lines = [
         f"# {b['name']} vs {base['name'] if base else '(no baseline)'}",
@@ -389,14 +414,14 @@ def render_markdown(report: dict[str, Any]) -> str:
         "to predicted class on the host, heads, entropies and exit decisions included.",
         "",
         "| Network | Acc (%) | Time (ms) | Gain | Thresholds | Exit (%) | Throughput (img/s) "
-        "| Throughput gain | FLOP-ideal gain |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| Throughput gain | FLOP-ideal gain | Time-ideal gain |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     if base:
         lines.append(
             f"| {base['name']} | {100 * base['accuracy']:.2f} | "
             f"{base['latency_ms']['median']:.3f} | - | - | - | {base['throughput_img_s']:.0f} "
-            "| - | - |"
+            "| - | - | - |"
         )
     g = report.get("gains", {})
     thr = [float(t) for t in b["thresholds"]]
@@ -404,7 +429,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"| {b['name']} | {100 * b['accuracy']:.2f} | {b['latency_ms']['median']:.3f} | "
         f"{_x(g.get('latency'))} | {_fmt_thr(thr)} | "
         f"{', '.join(f'{100 * s:.2f}' for s in b['exit_shares'])} | "
-        f"{b['throughput_img_s']:.0f} | {_x(g.get('throughput'))} | {_x(g.get('flop_ideal'))} |"
+        f"{b['throughput_img_s']:.0f} | {_x(g.get('throughput'))} | {_x(g.get('flop_ideal'))} "
+        f"| {_x(g.get('time_ideal'))} |"
     )
     lines += ["", "Per-exit test accuracy (every sample through every exit):", ""]
     for r in (base, b):
@@ -424,8 +450,22 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines += [
             "",
             f"Throughput gain / FLOP-ideal gain = {g['throughput_vs_ideal']:.2f}; "
+            f"Throughput gain / time-ideal gain = {g['throughput_vs_time_ideal']:.2f}; "
             f"accuracy change {g['accuracy_delta_pp']:+.2f} pp.",
+            "",
+            "Time-ideal gain: each trunk stage and exit head timed alone at batch "
+            f"{report['batch_size']} (same threads and oneDNN setting, best pass); a sample "
+            "leaving at exit k is charged stages and heads 0..k, and nothing for entropies, "
+            "exit decisions or compaction. Per image (µs):",
+            "",
         ]
+        for r in (base, b):
+            seg = r["segment_us_per_image"]
+            lines.append(
+                f"- {r['name']}: stages {_us(seg['stages'])}, heads {_us(seg['heads'])}; "
+                f"predicted {r['predicted_us_per_image']:.2f}, measured "
+                f"{r['measured_us_per_image']:.2f}"
+            )
     lines += [
         "",
         f"Produced by `{report['command']}` at commit {report['git_commit']} "
@@ -437,6 +477,10 @@ def render_markdown(report: dict[str, Any]) -> str:
 
 def _x(v: float | None) -> str:
     return "-" if v is None else f"{v:.2f}x"
+
+
+def _us(values: list[float]) -> str:
+    return "[" + ", ".join(f"{v:.2f}" for v in values) + "]"
 
 
 def write_plots(report: dict[str, Any], out: Path) -> list[str]:

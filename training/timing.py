@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from models import BranchyNet
+from models.inference import run_module
 
 
 @dataclass(frozen=True)
@@ -105,3 +106,89 @@ def throughput(
         _sync(x.device)
         rates.append(x.shape[0] / (time.perf_counter() - t0))
     return max(rates)
+
+
+@dataclass(frozen=True)
+class SegmentTimes:
+    """Seconds per image of each trunk stage and each exit head, each timed on its own.
+
+    ``stages[i]`` and ``heads[i]`` are per image at the batch size they were timed with;
+    they exclude everything the early-exit engine adds around them (entropies, exit
+    decisions, compaction, copying results out).
+    """
+
+    stages: list[float]
+    heads: list[float]
+
+    @staticmethod
+    def best(runs: Sequence[SegmentTimes]) -> SegmentTimes:
+        """Segment by segment, the fastest of several runs (other jobs only slow a run)."""
+        return SegmentTimes(
+            [min(t) for t in zip(*(r.stages for r in runs), strict=True)],
+            [min(t) for t in zip(*(r.heads for r in runs), strict=True)],
+        )
+
+
+def predicted_seconds_per_image(segments: SegmentTimes, exit_shares: Sequence[float]) -> float:
+    """Time per image of the early-exit engine if its bookkeeping cost nothing.
+
+    A sample leaving at exit ``k`` pays stages ``0..k`` and heads ``0..k`` at their
+    measured per-image cost, and nothing else. For a plain network (one exit, share 1)
+    this is its stage plus its head.
+
+    Args:
+        segments: per-image stage and head times.
+        exit_shares: fraction of the samples leaving at each exit (sums to 1).
+
+    Raises:
+        ValueError: a share per exit is not given.
+    """
+    if len(exit_shares) != len(segments.stages):
+        raise ValueError(
+            f"need one exit share per exit ({len(segments.stages)}); got {len(exit_shares)}"
+        )
+    reached, total = 0.0, 0.0
+    for stage, head, share in zip(segments.stages, segments.heads, exit_shares, strict=True):
+        reached += stage + head
+        total += share * reached
+    return total
+
+
+@torch.no_grad()
+def segment_times(
+    model: BranchyNet, x: Tensor, *, batch_size: int = 256, repeats: int = 1
+) -> SegmentTimes:
+    """Per-image time of every stage and head on all of ``x``, in batches, no early exit.
+
+    Every batch runs through every stage and head (as ``model(x)`` does for training),
+    each segment timed alone with the device synchronised before and after it, and run
+    the way the engine runs it. Per segment, the best of ``repeats`` passes.
+
+    Args:
+        model: the network, in eval mode.
+        x: ``(N, C, H, W)`` normalised inputs on the model's device.
+        batch_size: images per batch, as in :func:`throughput`.
+        repeats: passes over ``x``.
+    """
+    model.eval()
+    run_module(model.heads[0], run_module(model.stages[0], x[:batch_size]))  # warm-up
+    clock = time.perf_counter
+    runs = []
+    for _ in range(repeats):
+        stages = [0.0] * model.num_exits
+        heads = [0.0] * model.num_exits
+        for start in range(0, x.shape[0], batch_size):
+            h = x[start : start + batch_size]
+            for i, (stage, head) in enumerate(zip(model.stages, model.heads, strict=True)):
+                _sync(x.device)
+                t0 = clock()
+                h = run_module(stage, h)
+                _sync(x.device)
+                t1 = clock()
+                run_module(head, h)
+                _sync(x.device)
+                stages[i] += t1 - t0
+                heads[i] += clock() - t1
+        n = x.shape[0]
+        runs.append(SegmentTimes([t / n for t in stages], [t / n for t in heads]))
+    return SegmentTimes.best(runs)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 import models
-from training import evaluate, train
+from training import evaluate, timing, train
 
 
 def trained(data_dir: Path, out: Path, model: str, dataset: str, *extra: str) -> Path:
@@ -50,7 +50,8 @@ def check_report(out: Path, report: dict, *, plots: set[str]) -> None:
     assert on_disk["branchy"]["accuracy"] == report["branchy"]["accuracy"]
     md = (out / "report.md").read_text()
     assert "| Network | Acc (%) | Time (ms) | Gain | Thresholds | Exit (%) |" in md
-    assert "Throughput gain | FLOP-ideal gain |" in md
+    assert "Throughput gain | FLOP-ideal gain | Time-ideal gain |" in md
+    assert "Throughput gain / time-ideal gain = " in md
     b, base = on_disk["branchy"], on_disk["baseline"]
     assert sum(b["exit_shares"]) == pytest.approx(1.0)
     # the engine's accuracy and exit shares equal what the calibration maths predicts
@@ -58,6 +59,24 @@ def check_report(out: Path, report: dict, *, plots: set[str]) -> None:
     g = on_disk["gains"]
     assert g["flop_ideal"] == pytest.approx(base["exit_macs"][-1] / b["expected_macs"])
     assert g["latency"] == pytest.approx(base["latency_ms"]["median"] / b["latency_ms"]["median"])
+    # time-ideal: both nets' zero-bookkeeping time per image from their segment times
+    for r in (b, base):
+        seg = r["segment_us_per_image"]
+        assert len(seg["stages"]) == len(seg["heads"]) == len(r["exit_macs"])
+        assert min(seg["stages"] + seg["heads"]) > 0
+        segments = timing.SegmentTimes(seg["stages"], seg["heads"])
+        predicted = timing.predicted_seconds_per_image(segments, r["exit_shares"])
+        assert r["predicted_us_per_image"] == pytest.approx(predicted)
+        assert r["measured_us_per_image"] == pytest.approx(1e6 / r["throughput_img_s"])
+    assert g["time_ideal"] > 0
+    assert g["time_ideal"] == pytest.approx(
+        base["predicted_us_per_image"] / b["predicted_us_per_image"]
+    )
+    assert g["time_ideal_measured_baseline"] == pytest.approx(
+        base["measured_us_per_image"] / b["predicted_us_per_image"]
+    )
+    assert g["throughput_vs_time_ideal"] == pytest.approx(g["throughput"] / g["time_ideal"])
+    assert f"| {g['time_ideal']:.2f}x |" in md
     assert b["latency_ms"]["samples"] == 20 and b["throughput_img_s"] > 0
     assert on_disk["sweeps"]["original"] and on_disk["frontier"]
     assert on_disk["versions"]["torch"] and on_disk["machine"]["cpu_count"]
