@@ -79,6 +79,15 @@ class OperatingPoint:
             "relative_cost": self.relative_cost,
         }
 
+    def describe(self) -> str:
+        """One line for logs: thresholds, accuracy and exit shares in %, relative cost."""
+        return (
+            f"thresholds {[round(t, 6) for t in self.thresholds]}, accuracy "
+            f"{100 * self.accuracy:.2f}%, exit shares "
+            f"{[round(100 * s, 2) for s in self.exit_shares]}, relative cost "
+            f"{self.relative_cost:.3f}"
+        )
+
 
 def exits_taken(entropy: Tensor, thresholds: Tensor) -> Tensor:
     """Exit index per sample for each threshold setting.

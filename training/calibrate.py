@@ -91,14 +91,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         metrics=metrics,
         provenance=ckpt.provenance,
     )
-    log.info(
-        "%s: thresholds %s, validation accuracy %.2f%%, exit shares %s, relative cost %.3f",
-        args.checkpoint,
-        [round(t, 6) for t in point.thresholds],
-        100 * point.accuracy,
-        [round(100 * s, 2) for s in point.exit_shares],
-        point.relative_cost,
-    )
+    log.info("%s: on the validation split, %s", args.checkpoint, point.describe())
     return point.to_json()
 
 

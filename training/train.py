@@ -493,15 +493,7 @@ def calibrate_and_save(
     macs = model.exit_macs()
     target = args.target_accuracy if model.num_exits > 1 else None
     point = models.choose_thresholds(calib, macs, tolerance=args.tolerance, target=target)
-    log.info(
-        "calibrated on %d validation images: thresholds %s, accuracy %.2f%%, exit shares %s, "
-        "relative cost %.3f",
-        calib.num_samples,
-        [round(t, 6) for t in point.thresholds],
-        100 * point.accuracy,
-        [round(100 * s, 2) for s in point.exit_shares],
-        point.relative_cost,
-    )
+    log.info("calibrated on %d validation images: %s", calib.num_samples, point.describe())
     metrics = {
         "val_exit_accuracy": calib.correct.float().mean(0).tolist(),
         "val_calibrated": point.to_json(),

@@ -157,3 +157,11 @@ def test_choice_is_fast_and_small_for_three_exits() -> None:
     again = models.evaluate_thresholds(d, MACS, list(p.thresholds))
     assert again.accuracy == pytest.approx(p.accuracy)
     assert again.expected_macs == pytest.approx(p.expected_macs)
+
+
+def test_operating_point_describes_itself_in_one_line() -> None:
+    point = models.OperatingPoint((0.25, math.inf), 0.8, (0.5, 0.3, 0.2), 10.0, 0.5)
+    assert point.describe() == (
+        "thresholds [0.25, inf], accuracy 80.00%, exit shares [50.0, 30.0, 20.0], "
+        "relative cost 0.500"
+    )
