@@ -59,10 +59,7 @@ import os
 import platform
 import secrets
 import shutil
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -79,6 +76,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from benchmarks.service_process import ServiceProcess  # noqa: E402
 from models import Checkpoint, entropy_from_logits, load_checkpoint  # noqa: E402
 from service.preprocess import preprocess  # noqa: E402
 
@@ -304,101 +302,32 @@ def multipart(names: list[str], data: list[bytes]) -> tuple[bytes, str]:
     return b"".join(parts), f"multipart/form-data; boundary={boundary}"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Server:
+class Server(ServiceProcess):
     """A real ``python -m service`` process serving only ``b-alexnet`` on loopback."""
 
     def __init__(self, name: str, args: argparse.Namespace, extra: dict[str, str]) -> None:
-        self.name = name
-        self.port = free_port()
         self.state_dir = Path(tempfile.mkdtemp(prefix=f"gpucheck-state-{name}-"))
-        self.log_path = args.out / f"server-{name}.log"
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(
-            [str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
-        )
-        env.update(
-            BRANCHY_MODEL_REPOSITORY=str(args.zoo.resolve()),
-            BRANCHY_MODELS=MODEL,
-            BRANCHY_DEVICE=args.device,
-            BRANCHY_HOST="127.0.0.1",
-            BRANCHY_PORT=str(self.port),
-            BRANCHY_STATE_DIR=str(self.state_dir),
-            BRANCHY_STATE_POLL_S="0",
-            BRANCHY_MAX_BATCH_SIZE=str(args.max_batch_size),
-            BRANCHY_GRACEFUL_SHUTDOWN_S="10",
-            BRANCHY_LOG_LEVEL="INFO",
-        )
+        env = {
+            "BRANCHY_MODEL_REPOSITORY": str(args.zoo.resolve()),
+            "BRANCHY_MODELS": MODEL,
+            "BRANCHY_DEVICE": args.device,
+            "BRANCHY_STATE_DIR": str(self.state_dir),
+            "BRANCHY_MAX_BATCH_SIZE": str(args.max_batch_size),
+            "BRANCHY_GRACEFUL_SHUTDOWN_S": "10",
+            "BRANCHY_LOG_LEVEL": "INFO",
+        }
         if args.device == "cpu":
-            env.setdefault("OMP_NUM_THREADS", "1")  # a small shared machine
+            if "OMP_NUM_THREADS" not in os.environ:  # a small shared machine
+                env["OMP_NUM_THREADS"] = "1"
             env["BRANCHY_TORCH_THREADS"] = "1"
         env.update(extra)
-        self.env = {k: v for k, v in env.items() if k.startswith("BRANCHY_")}
-        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.started = time.monotonic()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "service"],
-            cwd=ROOT,
-            env=env,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-        )
-        self.ready_s: float | None = None
-        self.exit_code: int | None = None
-
-    def wait_ready(self, timeout: float) -> float:
-        """Seconds from start to ``/readyz`` 200; raises on exit, load failure, timeout."""
-        deadline = time.monotonic() + timeout
-        client = Http(self.port, timeout=2.0)
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(
-                    f"server {self.name} exited with {self.proc.returncode}:\n{self.log_tail()}"
-                )
-            log = self.log()
-            if "cannot load model" in log or "no model could be loaded" in log:
-                raise RuntimeError(f"server {self.name} failed to load:\n{self.log_tail()}")
-            with contextlib.suppress(OSError, http.client.HTTPException):
-                if client.request("GET", "/readyz")[0] == 200:
-                    client.close()
-                    self.ready_s = time.monotonic() - self.started
-                    return self.ready_s
-            time.sleep(0.2)
-        client.close()
-        raise TimeoutError(
-            f"server {self.name} not ready after {timeout:.0f} s:\n{self.log_tail()}"
-        )
-
-    def log(self) -> str:
-        if not self._log.closed:
-            self._log.flush()
-        return self.log_path.read_text(errors="replace")
-
-    def log_tail(self, lines: int = 40) -> str:
-        return "\n".join(self.log().splitlines()[-lines:])
+        super().__init__(env, log_path=args.out / f"server-{name}.log", name=name)
 
     def stop(self, timeout: float = 20.0) -> int | None:
-        """SIGTERM and wait; SIGKILL if it does not exit in time (exit code then None)."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-                self._log.close()
-                shutil.rmtree(self.state_dir, ignore_errors=True)
-                return None
-        if not self._log.closed:
-            self._log.close()
-        shutil.rmtree(self.state_dir, ignore_errors=True)
-        self.exit_code = self.proc.returncode
-        return self.exit_code
+        try:
+            return super().stop(timeout)
+        finally:
+            shutil.rmtree(self.state_dir, ignore_errors=True)
 
 
 def exit_counts(port: int) -> dict[str, float]:

@@ -31,9 +31,7 @@ import os
 import platform
 import secrets
 import shutil
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -49,6 +47,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.service_process import ServiceProcess  # noqa: E402
 from models import Checkpoint, choose_thresholds, load_checkpoint  # noqa: E402
 from service.preprocess import preprocess  # noqa: E402
 
@@ -339,70 +338,32 @@ def summarise(cell: Cell, elapsed: float, num_exits: int) -> dict[str, Any]:
     }
 
 
-class SpawnedServer:
+class SpawnedServer(ServiceProcess):
     """``python -m service`` on a free loopback port, serving one checkpoint."""
 
     def __init__(self, model_dir: Path, args: argparse.Namespace) -> None:
-        import socket
-
         self.tmp = Path(tempfile.mkdtemp(prefix="branchy-load-"))
         repo = self.tmp / "repo"
         repo.mkdir()
         (repo / model_dir.name).symlink_to(model_dir.resolve())
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
         self.token = secrets.token_hex(16)
-        env = {k: v for k, v in os.environ.items() if not k.startswith("BRANCHY_")}
-        env.update(
-            {
-                "BRANCHY_MODEL_REPOSITORY": str(repo),
-                "BRANCHY_STATE_DIR": str(self.tmp / "state"),
-                "BRANCHY_PORT": str(self.port),
-                "BRANCHY_HOST": "127.0.0.1",
-                "BRANCHY_ADMIN_TOKEN": self.token,
-                "BRANCHY_MAX_BATCH_SIZE": str(args.max_batch_size),
-                "BRANCHY_MAX_BATCH_DELAY_MS": str(args.max_batch_delay_ms),
-                "BRANCHY_LOG_LEVEL": "WARNING",
-                "BRANCHY_STATE_POLL_S": "0",
-            }
-        )
+        env = {
+            "BRANCHY_MODEL_REPOSITORY": str(repo),
+            "BRANCHY_STATE_DIR": str(self.tmp / "state"),
+            "BRANCHY_ADMIN_TOKEN": self.token,
+            "BRANCHY_MAX_BATCH_SIZE": str(args.max_batch_size),
+            "BRANCHY_MAX_BATCH_DELAY_MS": str(args.max_batch_delay_ms),
+            "BRANCHY_LOG_LEVEL": "WARNING",
+        }
         if args.torch_threads:
             env["BRANCHY_TORCH_THREADS"] = str(args.torch_threads)
-        self.log = open(self.tmp / "server.log", "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "service"],
-            cwd=ROOT,
-            env=env,
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-        )
+        super().__init__(env, log_path=self.tmp / "server.log", name="load")
 
-    def wait_ready(self, timeout: float = 120) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(
-                    f"server exited: {(self.tmp / 'server.log').read_text()[-2000:]}"
-                )
-            try:
-                if _request(self.url, "GET", "/readyz")[0] == 200:
-                    return
-            except OSError:
-                pass
-            time.sleep(0.2)
-        raise TimeoutError("server not ready")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        self.log.close()
-        shutil.rmtree(self.tmp, ignore_errors=True)
+    def stop(self, timeout: float = 60.0) -> int | None:
+        try:
+            return super().stop(timeout)
+        finally:
+            shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 def _request(
@@ -496,7 +457,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     bound: dict[str, list[dict[str, Any]]] = {label: [] for label in settings}
     try:
         if server is not None:
-            server.wait_ready()
+            server.wait_ready(120)
         bodies = {
             n: [
                 multipart([images[(k * n + j) % len(images)] for j in range(n)])
