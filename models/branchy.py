@@ -22,7 +22,7 @@ from models.exits import (
     threshold_matrix,
     thresholds_for_one,
 )
-from models.inference import global_hooks_active, run_module
+from models.inference import global_hooks_active, run_module, run_owned, shared_prefix
 
 
 @dataclass(frozen=True)
@@ -48,11 +48,6 @@ class ExitResult:
         return ExitResult(
             self.logits.to(device), self.exit_index.to(device), self.entropy.to(device)
         )
-
-
-def _call(module: nn.Module, h: Tensor) -> Tensor:
-    # the plain module call, used instead of run_module while global hooks are active
-    return module(h)
 
 
 def _plain_numbers(values: object) -> TypeGuard[Sequence[float]]:
@@ -151,13 +146,23 @@ class BranchyNet(nn.Module):
         entropy = torch.empty((n,), dtype=torch.float32, device=x.device)
         # `alive` maps rows of the compacted batch back to input positions.
         alive = torch.arange(n, device=x.device)
-        run = _call if global_hooks_active() else run_module
-        h = x
+        hooked = global_hooks_active()
+        shared = [0] * self.num_exits if hooked else self.shared_prefixes()
+        h, owned, skip = x, False, 0  # x is the caller's: never overwritten
         for i, (stage, head) in enumerate(zip(self.stages, self.heads, strict=True)):
             if alive.numel() == 0:
                 break
-            h = run(stage, h)
-            z = run(head, h).float()  # (b, C)
+            if hooked:
+                h = stage(h)
+                z = head(h).float()
+            else:
+                # the stage minus the layers already run as the previous head's prefix,
+                # then the layers this head shares with the next stage, once for both
+                h, owned = run_owned(stage, h, start=skip, owned=owned)
+                skip = shared[i]
+                if skip:
+                    h, owned = run_owned(head, h, stop=skip, owned=owned)
+                z = run_module(head, h, start=skip, owned=owned and i == last).float()  # (b, C)
             e = entropy_from_logits(z)  # (b,)
             if i == last:
                 logits[alive] = z
@@ -171,18 +176,24 @@ class BranchyNet(nn.Module):
                 entropy[dst] = e[rows]
                 exit_index[dst] = i
                 stay = (~leave).nonzero().squeeze(1)
-                h, alive, t = h[stay], alive[stay], t[stay]
+                h, alive, t, owned = h[stay], alive[stay], t[stay], True
         return ExitResult(logits, exit_index, entropy)
 
     def _early_exit_one(self, x: Tensor, thresholds: list[float]) -> ExitResult:
         # Batch of one: no compaction bookkeeping, one scalar decision per exit. On a
         # CPU a tiny net's time is mostly per-operator overhead, so this path matters.
+        # (No shared head/stage prefixes here: finding them costs more than they save
+        # for a tiny net's one sample.)
         last = self.num_exits - 1
-        run = _call if global_hooks_active() else run_module
-        h = x
+        hooked = global_hooks_active()
+        h, owned = x, False
         for i, (stage, head) in enumerate(zip(self.stages, self.heads, strict=True)):
-            h = run(stage, h)
-            z = run(head, h).float()
+            if hooked:
+                h = stage(h)
+                z = head(h).float()
+            else:
+                h, owned = run_owned(stage, h, owned=owned)
+                z = run_module(head, h, owned=owned and i == last).float()
             if i == last and not z.is_cpu:
                 e = entropy_from_logits(z)  # no decision left: no need to sync on the value
             else:
@@ -194,6 +205,14 @@ class BranchyNet(nn.Module):
             index = torch.full((1,), i, dtype=torch.int64, device=x.device)
             return ExitResult(z, index, e)
         raise AssertionError("unreachable: the last exit always answers")
+
+    def shared_prefixes(self) -> list[int]:
+        """Per exit, how many leading layers its head shares with the next trunk stage
+        (:func:`models.inference.shared_prefix`; 0 for the last exit). The batched
+        engine runs those layers once, as the end of the stage."""
+        return [
+            shared_prefix(self.heads[i], self.stages[i + 1]) for i in range(self.num_exits - 1)
+        ] + [0]
 
     def exit_macs(self) -> list[int]:
         """Multiply-accumulates to reach and evaluate each exit, for one sample.

@@ -1,15 +1,24 @@
-"""Running trunk stages and exit heads at inference with less Python overhead.
+"""Running trunk stages and exit heads at inference with less overhead.
 
 A tiny network such as B-LeNet spends a large share of its batch-1 time in
 ``nn.Module.__call__`` and the ``forward`` methods around each ATen call (about 1–2 µs
 per layer on a 2-core CPU, against a few µs for the layer's own kernel).
 :func:`run_module` walks ``nn.Sequential`` containers itself and calls the functional
 form of common leaf layers directly, with exactly the arguments their ``forward`` passes,
-so the same kernels run and the results are the same, bit for bit. The one substitution
-is 2×2/stride-2 max-pooling of large CPU batches, done by :func:`max_pool_2x2` with the
-same bits and several times faster. Anything else (a ResNet block, a
-``torch.compile``-wrapped stage, a module with hooks, a subclass) is called as a
-module, so its behaviour is untouched.
+so the same kernels run and the results are the same, bit for bit. Three substitutions
+make large CPU batches cheaper and still give the same bits:
+
+- max-pooling with square windows (2×2 in LeNet, 3×3/stride 2 in AlexNet) is done by
+  :func:`max_pool_split` from two 1-D poolings, several times faster;
+- a ReLU whose input was made inside the walk (a convolution's output, say) runs in
+  place, saving a fresh allocation as large as the activation (on a 2-core CPU a
+  33 MB ``relu`` costs 18x a ``relu_``, mostly page faults);
+- local response normalisation runs PyTorch's own sequence of operations with the
+  temporaries reused in place.
+
+Anything else (a ResNet block, a ``torch.compile``-wrapped stage, a module with hooks, a
+subclass) is called as a module, so its behaviour is untouched. A tensor the caller
+passed in is never modified.
 
 The walk happens on every call (it is cheap), so replacing a submodule or registering a
 hook later takes effect at once: there is no cached plan to go stale.
@@ -17,6 +26,7 @@ hook later takes effect at once: there is no cached plan to go stale.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable
 
@@ -39,20 +49,21 @@ def _linear(m: nn.Linear, h: Tensor) -> Tensor:
 def _max_pool2d(m: nn.MaxPool2d, h: Tensor) -> Tensor:
     if m.return_indices:
         return m(h)
+    kernel, stride = _side(m.kernel_size), _side(m.stride)
     if (
-        h.numel() >= _SPLIT_POOL_MIN_NUMEL
-        and _pair(m.kernel_size) == (2, 2)
-        and _pair(m.stride) == (2, 2)
-        and _pair(m.padding) == (0, 0)
-        and _pair(m.dilation) == (1, 1)
+        kernel is not None
+        and stride is not None
+        and h.numel() >= _SPLIT_POOL_MIN_NUMEL
+        and _side(m.padding) == 0
+        and _side(m.dilation) == 1
         and h.dim() == 4
-        and min(h.shape[-2:]) >= 2
+        and min(h.shape[-2:]) >= kernel
         and h.dtype == torch.float32
         and h.device.type == "cpu"
         and h.is_contiguous()
         and not (h.requires_grad and torch.is_grad_enabled())
     ):
-        return max_pool_2x2(h, ceil_mode=m.ceil_mode)
+        return max_pool_split(h, kernel, stride, ceil_mode=m.ceil_mode)
     return torch.max_pool2d(h, m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode)
 
 
@@ -62,43 +73,81 @@ def _max_pool2d(m: nn.MaxPool2d, h: Tensor) -> Tensor:
 _SPLIT_POOL_MIN_NUMEL = 12_000
 
 
-def _pair(v: object) -> tuple[object, ...]:
-    return tuple(v) if isinstance(v, tuple | list) else (v, v)
+def _side(v: object) -> int | None:
+    # the side of a square window (or the step, padding...) given as an int or a pair
+    a, b = v if isinstance(v, tuple | list) else (v, v)
+    return a if isinstance(a, int) and a == b else None
 
 
-def max_pool_2x2(x: Tensor, *, ceil_mode: bool) -> Tensor:
-    """``torch.max_pool2d(x, 2, 2, 0, 1, ceil_mode)`` from two 1-D poolings, same bits.
+def pooled_size(size: int, kernel: int, stride: int, *, ceil_mode: bool) -> int:
+    """Output length of a max-pooling without padding, by PyTorch's rule: in ceil mode
+    the last window must still start inside the input."""
+    out = (size - kernel + (stride - 1 if ceil_mode else 0)) // stride + 1
+    if ceil_mode and (out - 1) * stride >= size:
+        out -= 1
+    return out
+
+
+def max_pool_split(x: Tensor, kernel: int, stride: int, *, ceil_mode: bool) -> Tensor:
+    """``torch.max_pool2d(x, kernel, stride, 0, 1, ceil_mode)`` from two 1-D poolings,
+    with the same bits.
 
     On CPU, PyTorch's 2-D max-pooling kernel also computes argmax indices and does not
-    vectorise over NCHW rows: at batch 256 it costs LeNet more than all its convolutions.
-    The 1-D kernel has a fast path without indices when autograd is off. Each window is
-    reduced within each of its rows first (left, then right), then across its two rows
-    (top, then bottom), with the 2-D kernel's rule (a later value wins only if greater,
-    or NaN); that picks the same element as the 2-D kernel's row-major scan, so the
-    result is identical to the bit, ties between +0.0 and -0.0 and NaN included. A
-    missing last row in ceil mode is padded with -inf, which never wins.
+    vectorise over NCHW rows: at batch 256 it costs LeNet more than all its convolutions
+    and AlexNet as much as its first convolution. The 1-D kernel has a fast path without
+    indices when autograd is off. Each window is reduced within each of its rows first
+    (left to right), then across its rows (top to bottom), with the 2-D kernel's rule (a
+    later value wins only if greater, or NaN); that picks the same element as the 2-D
+    kernel's row-major scan, so the result is identical to the bit, ties between +0.0 and
+    -0.0 and NaN included. Rows a ceil-mode window reaches beyond the input are padded
+    with -inf, which never wins.
 
     Args:
-        x: ``(N, C, H, W)`` contiguous input; no gradient is tracked through it.
+        x: ``(N, C, H, W)`` contiguous input, ``H, W >= kernel``; no gradient is tracked.
+        kernel: side of the square window.
+        stride: step between windows, the same along both axes.
         ceil_mode: round the output size up, as ``nn.MaxPool2d(ceil_mode=...)``.
     """
     n, c, h, w = x.shape
-    rows = torch.max_pool1d(x.view(n, c * h, w), 2, 2, 0, 1, ceil_mode)  # (n, c*h, w')
+    rows = torch.max_pool1d(x.view(n, c * h, w), kernel, stride, 0, 1, ceil_mode)
     wo = rows.shape[-1]
-    ho = (h + 1) // 2 if ceil_mode else h // 2
+    ho = pooled_size(h, kernel, stride, ceil_mode=ceil_mode)
+    reach = stride * (ho - 1) + kernel  # input rows the windows cover
     rows = rows.view(n, c, h, wo)
-    if 2 * ho > h:
-        rows = F.pad(rows, (0, 0, 0, 1), value=-math.inf)
-    elif 2 * ho < h:
-        rows = rows[:, :, : 2 * ho]
-    # each row pair side by side, [row 2i | row 2i+1]; a kernel of 2 with dilation w'
-    # compares the two elements of each column
-    pairs = rows.reshape(n * c * ho, 1, 2 * wo)
-    return torch.max_pool1d(pairs, 2, 1, 0, wo, False).view(n, c, ho, wo)
+    if reach > h:
+        rows = F.pad(rows, (0, 0, 0, reach - h), value=-math.inf)
+    elif reach < h:
+        rows = rows[:, :, :reach]
+    if kernel == stride:
+        # windows do not overlap: each window's rows side by side, [row 0 | row 1 | ...];
+        # a kernel of `kernel` with dilation wo compares the rows of each column
+        windows = rows.reshape(n * c * ho, 1, kernel * wo)
+        return torch.max_pool1d(windows, kernel, 1, 0, wo, False).view(n, c, ho, wo)
+    # overlapping (or gapped) windows: reduce every run of `kernel` consecutive rows the
+    # same way, then keep the runs that start a window
+    runs = torch.max_pool1d(rows.reshape(n * c, 1, reach * wo), kernel, 1, 0, wo, False)
+    return runs.view(n, c, reach - kernel + 1, wo)[:, :, ::stride].contiguous()
 
 
 def _relu(m: nn.ReLU, h: Tensor) -> Tensor:
     return torch.relu_(h) if m.inplace else torch.relu(h)
+
+
+def _local_response_norm(m: nn.LocalResponseNorm, h: Tensor) -> Tensor:
+    """``F.local_response_norm`` with its temporaries reused: the same operations in the
+    same order, so the same bits, with one fresh activation-sized tensor instead of five.
+
+    The zero padding across channels becomes ``avg_pool3d``'s own (it counts padding in
+    the divisor by default, so every window still divides by ``size``); adding the
+    padding's zeros to squares changes no bit. Falls back for odd cases.
+    """
+    if h.dim() != 4 or m.size % 2 == 0 or h.shape[1] < m.size or h.numel() == 0 or h.requires_grad:
+        return F.local_response_norm(h, m.size, m.alpha, m.beta, m.k)
+    n, c, height, width = h.shape
+    div = h.mul(h).view(n, 1, c, height, width)
+    div = F.avg_pool3d(div, (m.size, 1, 1), stride=1, padding=(m.size // 2, 0, 0))
+    div = div.view(n, c, height, width).mul_(m.alpha).add_(m.k).pow_(m.beta)
+    return torch.div(h, div, out=div)
 
 
 def _flatten(m: nn.Flatten, h: Tensor) -> Tensor:
@@ -110,14 +159,16 @@ def _dropout(m: nn.Dropout, h: Tensor) -> Tensor:
     return m(h) if m.training else h
 
 
-# Exact types only: a subclass may override forward.
-_DIRECT: dict[type[nn.Module], Callable[..., Tensor]] = {
-    nn.Conv2d: _conv2d,
-    nn.Linear: _linear,
-    nn.MaxPool2d: _max_pool2d,
-    nn.ReLU: _relu,
-    nn.Flatten: _flatten,
-    nn.Dropout: _dropout,
+# Exact types only: a subclass may override forward. The flag says whether the output
+# is always a tensor of its own (True) or may share the input's memory (False: a view,
+# the input itself).
+_DIRECT: dict[type[nn.Module], tuple[Callable[..., Tensor], bool]] = {
+    nn.Conv2d: (_conv2d, True),
+    nn.Linear: (_linear, True),
+    nn.MaxPool2d: (_max_pool2d, True),
+    nn.LocalResponseNorm: (_local_response_norm, True),
+    nn.Flatten: (_flatten, False),
+    nn.Dropout: (_dropout, False),
 }
 
 
@@ -145,7 +196,9 @@ def global_hooks_active() -> bool:
     )
 
 
-def run_module(module: nn.Module, h: Tensor) -> Tensor:
+def run_module(
+    module: nn.Module, h: Tensor, *, start: int = 0, stop: int | None = None, owned: bool = False
+) -> Tensor:
     """``module(h)`` for inference, with the same result and less per-layer overhead.
 
     Callers check :func:`global_hooks_active` once per batch and call the module
@@ -155,16 +208,79 @@ def run_module(module: nn.Module, h: Tensor) -> Tensor:
     Args:
         module: a stage or head (any ``nn.Module`` taking and returning one tensor).
         h: its input.
+        start, stop: run only the children ``start:stop`` of an ``nn.Sequential`` (the
+            engine runs a head's first layers once when the next stage begins with the
+            same ones, see :func:`shared_prefix`).
+        owned: ``h`` is the caller's to overwrite (nobody else will read it), so a ReLU
+            may run in place on it. Never set this for a tensor someone else holds.
 
     Returns:
-        What ``module(h)`` returns.
+        What ``module(h)`` (or the slice of it) returns.
     """
+    return run_owned(module, h, start=start, stop=stop, owned=owned)[0]
+
+
+def run_owned(
+    module: nn.Module, h: Tensor, *, start: int = 0, stop: int | None = None, owned: bool = False
+) -> tuple[Tensor, bool]:
+    """:func:`run_module`, also saying whether the output is a tensor the walk made (so
+    the caller may hand it on as ``owned``) rather than the input or a view of it."""
+    if start or stop is not None:
+        if type(module) is not nn.Sequential:
+            raise TypeError(f"only an nn.Sequential can be run in part, not {type(module)}")
+        for child in itertools.islice(module._modules.values(), start, stop):
+            h, owned = _walk(child, h, owned)
+        return h, owned
+    return _walk(module, h, owned)
+
+
+def _walk(module: nn.Module, h: Tensor, owned: bool) -> tuple[Tensor, bool]:
     if _has_hooks(module):
-        return module(h)
+        return module(h), False
     kind = type(module)
     if kind is nn.Sequential:
         for child in module._modules.values():
-            h = run_module(child, h)  # type: ignore[arg-type]
-        return h
+            h, owned = _walk(child, h, owned)  # type: ignore[arg-type]
+        return h, owned
+    if kind is nn.ReLU:
+        if module.inplace or (owned and not h.requires_grad):
+            return torch.relu_(h), owned
+        return torch.relu(h), True
     direct = _DIRECT.get(kind)
-    return module(h) if direct is None else direct(module, h)
+    if direct is None:
+        return module(h), False
+    fn, fresh = direct
+    return fn(module, h), fresh or owned
+
+
+# Parameter-free layers whose output depends only on their input and settings.
+_SHAREABLE = (nn.ReLU, nn.MaxPool2d, nn.LocalResponseNorm)
+
+
+def shared_prefix(head: nn.Module, next_stage: nn.Module) -> int:
+    """How many leading layers an exit head and the following trunk stage have in
+    common, so that the engine can run them once for both.
+
+    B-AlexNet's first branch and its next trunk stage both begin with ReLU, max-pooling
+    and LRN on the same tensor; B-LeNet's with max-pooling and ReLU. Layers count as
+    common when both are of the same parameter-free type (ReLU, max-pooling, LRN) with
+    the same settings and without hooks.
+
+    Returns:
+        The length of the common prefix; 0 unless both are plain ``nn.Sequential``.
+    """
+    if type(head) is not nn.Sequential or type(next_stage) is not nn.Sequential:
+        return 0
+    if _has_hooks(head) or _has_hooks(next_stage):
+        return 0
+    k = 0
+    for a, b in zip(head._modules.values(), next_stage._modules.values(), strict=False):
+        kind = type(a)
+        if kind is not type(b) or kind not in _SHAREABLE or _has_hooks(a) or _has_hooks(b):
+            break
+        if getattr(a, "return_indices", False) or getattr(b, "return_indices", False):
+            break  # a (values, indices) pair is not what the next layer takes
+        if a is not b and a.extra_repr() != b.extra_repr():
+            break
+        k += 1
+    return k

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from models import BranchyNet
-from models.inference import run_module
+from models.inference import run_module, run_owned
 
 
 @dataclass(frozen=True)
@@ -162,7 +162,10 @@ def segment_times(
 
     Every batch runs through every stage and head (as ``model(x)`` does for training),
     each segment timed alone with the device synchronised before and after it, and run
-    the way the engine runs it. Per segment, the best of ``repeats`` passes.
+    the way the engine runs it: layers a head shares with the next stage
+    (:meth:`BranchyNet.shared_prefixes`) run once and count as the stage's, since every
+    sample reaching that exit pays for them. Per segment, the best of ``repeats``
+    passes.
 
     Args:
         model: the network, in eval mode.
@@ -172,20 +175,25 @@ def segment_times(
     """
     model.eval()
     run_module(model.heads[0], run_module(model.stages[0], x[:batch_size]))  # warm-up
+    shared = model.shared_prefixes()
+    last = model.num_exits - 1
     clock = time.perf_counter
     runs = []
     for _ in range(repeats):
         stages = [0.0] * model.num_exits
         heads = [0.0] * model.num_exits
         for start in range(0, x.shape[0], batch_size):
-            h = x[start : start + batch_size]
+            h, owned, skip = x[start : start + batch_size], False, 0
             for i, (stage, head) in enumerate(zip(model.stages, model.heads, strict=True)):
                 _sync(x.device)
                 t0 = clock()
-                h = run_module(stage, h)
+                h, owned = run_owned(stage, h, start=skip, owned=owned)
+                skip = shared[i]
+                if skip:  # the head's layers the next stage also begins with: run once
+                    h, owned = run_owned(head, h, stop=skip, owned=owned)
                 _sync(x.device)
                 t1 = clock()
-                run_module(head, h)
+                run_module(head, h, start=skip, owned=owned and i == last)
                 _sync(x.device)
                 stages[i] += t1 - t0
                 heads[i] += clock() - t1
