@@ -456,7 +456,8 @@ def render_markdown(report: dict[str, Any]) -> str:
             "Time-ideal gain: each trunk stage and exit head timed alone at batch "
             f"{report['batch_size']} (same threads and oneDNN setting, best pass); a sample "
             "leaving at exit k is charged stages and heads 0..k, and nothing for entropies, "
-            "exit decisions or compaction. Per image (µs):",
+            "exit decisions or compaction. Leading layers a head shares with the next stage "
+            "run once, as the engine runs them, and count as the stage's. Per image (µs):",
             "",
         ]
         for r in (base, b):
