@@ -68,9 +68,11 @@ def _max_pool2d(m: nn.MaxPool2d, h: Tensor) -> Tensor:
 
 
 # Below this many input elements the 2-D kernel's lower fixed cost wins. Measured on the
-# project's 2-core CPU for LeNet's four pooling shapes: the split version is faster from
-# 9k (5x30x30 inputs) to 20k elements (20x11x11), and 2-7x faster at batch 256.
-_SPLIT_POOL_MIN_NUMEL = 12_000
+# project's 2-core CPU, one image at a time, on LeNet's pooling inputs from real MNIST
+# images (medians, µs, 2-D vs split): 5x30x30 16.7 vs 11.0, 10x17x17 15.9 vs 14.9,
+# 20x11x11 15.4 vs 15.2, 10x15x15 12.3 vs 13.8. The 2-D kernel's comparisons branch on
+# the data, so timing it on one input repeated (no mispredictions) flatters it.
+_SPLIT_POOL_MIN_NUMEL = 4_000
 
 
 def _side(v: object) -> int | None:
