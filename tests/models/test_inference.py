@@ -142,7 +142,7 @@ def test_large_cpu_batches_take_the_split_pool(monkeypatch: pytest.MonkeyPatch) 
     assert len(calls) == 2 and x.grad is not None
 
 
-@pytest.mark.parametrize("size", [3, 5, 4])
+@pytest.mark.parametrize("size", [3, 5, 4, 2, 1])
 def test_local_response_norm_gives_pytorchs_bits(size: int) -> None:
     torch.manual_seed(size)
     lrn = nn.LocalResponseNorm(size, alpha=1.5e-4, beta=0.75, k=2.0)
@@ -152,6 +152,11 @@ def test_local_response_norm_gives_pytorchs_bits(size: int) -> None:
         for h in (x, x[:, :1], x.transpose(2, 3)):  # one channel; not contiguous
             assert torch.equal(run_module(lrn, h).reshape(-1), lrn(h).reshape(-1))
         assert torch.equal(run_module(lrn, x[0]), lrn(x[0]))  # 3-D: PyTorch's own path
+        for _ in range(60):  # shapes and scales at random, compared as bit patterns
+            shape = [int(v) for v in torch.randint(1, 10, (4,))]
+            h = torch.randn(shape) * float(torch.rand(()) * 100)
+            got, expected = run_module(lrn, h), lrn(h)
+            assert torch.equal(got.view(torch.int32), expected.view(torch.int32)), shape
 
 
 def _net_starting_on_its_input() -> nn.Sequential:
