@@ -20,8 +20,10 @@ these kernels: the layers without MACs alone forbid it.
         --onednn off --out benchmarks/results/layers-lenet.json
 
 Exit shares come from the branchy checkpoint's own thresholds on the first
-``--samples`` test images (the test split of the dataset it was trained on). Prints a
-table and writes JSON.
+``--samples`` test images (the test split of the dataset it was trained on). A layer's
+time per image is the median over the full batches of a pass (at batch 1, over
+samples), and the best of ``--repeats`` passes, the nets alternating. Prints a table
+and writes JSON.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import argparse
 import datetime
 import json
 import platform
+import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -58,7 +61,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--onednn", choices=("on", "off"), default="off")
-    p.add_argument("--repeats", type=int, default=5, help="passes; the best counts per layer")
+    p.add_argument("--repeats", type=int, default=5,
+                   help="passes per net, alternating the nets; per layer, the best pass counts")  # fmt: skip
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "layers.json")
     return p
 
@@ -106,6 +110,8 @@ def plan(net: models.BranchyNet) -> list[tuple[str, list[nn.Module]]]:
 def profile(net: models.BranchyNet, x: Tensor, batch_size: int, repeats: int) -> list[Layer]:
     """Time every layer of ``plan(net)`` alone, per image, on ``x`` in batches; every
     sample runs every segment."""
+    if x.shape[0] < batch_size:
+        raise ValueError(f"need at least one full batch of {batch_size}; got {x.shape[0]} inputs")
     net.eval()
     segments = plan(net)
     last = f"head {net.num_exits - 1}"
@@ -141,13 +147,15 @@ def profile(net: models.BranchyNet, x: Tensor, batch_size: int, repeats: int) ->
             trunk = h
     walk(x[:batch_size], [])  # warm-up: allocator, kernels' first calls
     for _ in range(repeats):
-        spent = [0.0] * len(layers)
-        for start in range(0, x.shape[0], batch_size):
+        per_batch: list[list[float]] = [[] for _ in layers]  # per layer: s/image, each full batch
+        for start in range(0, x.shape[0] - batch_size + 1, batch_size):
             clocked: list[float] = []
             walk(x[start : start + batch_size], clocked)
-            spent = [a + b for a, b in zip(spent, clocked, strict=True)]
-        for layer, s in zip(layers, spent, strict=True):
-            layer.seconds = min(layer.seconds, s / x.shape[0])
+            for times, t in zip(per_batch, clocked, strict=True):
+                times.append(t / batch_size)
+        # the median batch: at batch 1 a single preempted sample would skew a mean
+        for layer, times in zip(layers, per_batch, strict=True):
+            layer.seconds = min(layer.seconds, statistics.median(times))
     return layers
 
 
@@ -198,10 +206,14 @@ def main() -> None:
         shares = (
             torch.bincount(exits, minlength=branchy.model.num_exits).double() / len(exits)
         ).tolist()
-        layers = {
-            branchy.model.name: profile(branchy.model, x, args.batch_size, args.repeats),
-            baseline.model.name: profile(baseline.model, x, args.batch_size, args.repeats),
-        }
+        # one pass at a time, alternating the nets, so that a change in machine load hits
+        # both alike; per layer the best pass counts
+        passes: dict[str, list[list[Layer]]] = {branchy.model.name: [], baseline.model.name: []}
+        for r in range(args.repeats):
+            for ckpt in (branchy, baseline) if r % 2 == 0 else (baseline, branchy):
+                passes[ckpt.model.name].append(profile(ckpt.model, x, args.batch_size, 1))
+        layers = {name: [min(group, key=lambda lay: lay.seconds) for group in zip(*runs, strict=True)]
+                  for name, runs in passes.items()}  # fmt: skip
     result_gains = gains(layers[branchy.model.name], layers[baseline.model.name], shares)
 
     out = sys.stdout
