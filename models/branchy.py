@@ -22,7 +22,13 @@ from models.exits import (
     threshold_matrix,
     thresholds_for_one,
 )
-from models.inference import global_hooks_active, run_module, run_owned, shared_prefix
+from models.inference import (
+    global_hooks_active,
+    run_module,
+    run_owned,
+    run_stage,
+    shared_prefix,
+)
 
 
 @dataclass(frozen=True)
@@ -156,12 +162,9 @@ class BranchyNet(nn.Module):
                 h = stage(h)
                 z = head(h).float()
             else:
-                # the stage minus the layers already run as the previous head's prefix,
-                # then the layers this head shares with the next stage, once for both
-                h, owned = run_owned(stage, h, start=skip, owned=owned)
+                # layers this head shares with the next stage run once, for both
+                h, owned = run_stage(stage, head, h, skip=skip, prefix=shared[i], owned=owned)
                 skip = shared[i]
-                if skip:
-                    h, owned = run_owned(head, h, stop=skip, owned=owned)
                 z = run_module(head, h, start=skip, owned=owned and i == last).float()  # (b, C)
             e = entropy_from_logits(z)  # (b,)
             if i == last:

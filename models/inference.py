@@ -259,6 +259,23 @@ def _walk(module: nn.Module, h: Tensor, owned: bool) -> tuple[Tensor, bool]:
     return fn(module, h), fresh or owned
 
 
+def run_stage(
+    stage: nn.Module, head: nn.Module, h: Tensor, *, skip: int, prefix: int, owned: bool
+) -> tuple[Tensor, bool]:
+    """One trunk step of the engine: ``stage`` without its first ``skip`` layers (run
+    already, as the previous head's shared prefix), then the first ``prefix`` layers of
+    ``head``, which the next stage shares (:func:`shared_prefix`). Both the head's rest
+    (``run_module(head, out, start=prefix)``) and the next stage read the output.
+
+    Returns:
+        The output and whether it is the caller's to overwrite, as :func:`run_owned`.
+    """
+    h, owned = run_owned(stage, h, start=skip, owned=owned)
+    if prefix:
+        h, owned = run_owned(head, h, stop=prefix, owned=owned)
+    return h, owned
+
+
 # Parameter-free layers whose output depends only on their input and settings.
 _SHAREABLE = (nn.ReLU, nn.MaxPool2d, nn.LocalResponseNorm)
 

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from models import BranchyNet
-from models.inference import run_module, run_owned
+from models.inference import run_module, run_stage
 
 
 @dataclass(frozen=True)
@@ -187,10 +187,8 @@ def segment_times(
             for i, (stage, head) in enumerate(zip(model.stages, model.heads, strict=True)):
                 _sync(x.device)
                 t0 = clock()
-                h, owned = run_owned(stage, h, start=skip, owned=owned)
+                h, owned = run_stage(stage, head, h, skip=skip, prefix=shared[i], owned=owned)
                 skip = shared[i]
-                if skip:  # the head's layers the next stage also begins with: run once
-                    h, owned = run_owned(head, h, stop=skip, owned=owned)
                 _sync(x.device)
                 t1 = clock()
                 run_module(head, h, start=skip, owned=owned and i == last)
