@@ -213,9 +213,9 @@ class BranchyNet(nn.Module):
         """Per exit, how many leading layers its head shares with the next trunk stage
         (:func:`models.inference.shared_prefix`; 0 for the last exit). The batched
         engine runs those layers once, as the end of the stage."""
-        return [
-            shared_prefix(self.heads[i], self.stages[i + 1]) for i in range(self.num_exits - 1)
-        ] + [0]
+        heads = list(self.heads._modules.values())  # ModuleList indexing costs ~1.4 µs
+        stages = list(self.stages._modules.values())
+        return [shared_prefix(h, s) for h, s in zip(heads, stages[1:], strict=False)] + [0]
 
     def exit_macs(self) -> list[int]:
         """Multiply-accumulates to reach and evaluate each exit, for one sample.

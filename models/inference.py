@@ -276,8 +276,12 @@ def run_stage(
     return h, owned
 
 
-# Parameter-free layers whose output depends only on their input and settings.
-_SHAREABLE = (nn.ReLU, nn.MaxPool2d, nn.LocalResponseNorm)
+# Parameter-free layers whose output depends only on their input and these settings.
+_SHAREABLE: dict[type[nn.Module], tuple[str, ...]] = {
+    nn.ReLU: ("inplace",),
+    nn.MaxPool2d: ("kernel_size", "stride", "padding", "dilation", "ceil_mode"),
+    nn.LocalResponseNorm: ("size", "alpha", "beta", "k"),
+}
 
 
 def shared_prefix(head: nn.Module, next_stage: nn.Module) -> int:
@@ -299,11 +303,12 @@ def shared_prefix(head: nn.Module, next_stage: nn.Module) -> int:
     k = 0
     for a, b in zip(head._modules.values(), next_stage._modules.values(), strict=False):
         kind = type(a)
-        if kind is not type(b) or kind not in _SHAREABLE or _has_hooks(a) or _has_hooks(b):
+        settings = _SHAREABLE.get(kind)
+        if settings is None or kind is not type(b) or _has_hooks(a) or _has_hooks(b):
             break
-        if getattr(a, "return_indices", False) or getattr(b, "return_indices", False):
+        if kind is nn.MaxPool2d and (a.return_indices or b.return_indices):
             break  # a (values, indices) pair is not what the next layer takes
-        if a is not b and a.extra_repr() != b.extra_repr():
+        if a is not b and any(getattr(a, n) != getattr(b, n) for n in settings):
             break
         k += 1
     return k
