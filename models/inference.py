@@ -131,10 +131,6 @@ def max_pool_split(x: Tensor, kernel: int, stride: int, *, ceil_mode: bool) -> T
     return runs.view(n, c, reach - kernel + 1, wo)[:, :, ::stride].contiguous()
 
 
-def _relu(m: nn.ReLU, h: Tensor) -> Tensor:
-    return torch.relu_(h) if m.inplace else torch.relu(h)
-
-
 def _local_response_norm(m: nn.LocalResponseNorm, h: Tensor) -> Tensor:
     """``F.local_response_norm`` with the same bits, 2-4x faster on a CPU.
 
