@@ -23,6 +23,7 @@ from models.checkpoint import (
 )
 from models.exits import entropy_from_logits
 from models.registry import build_model, list_models
+from models.runtimes import EarlyExitEngine, RuntimeUnavailable, load_engine
 
 __all__ = [
     "ORIGINAL_GRID",
@@ -30,15 +31,18 @@ __all__ = [
     "CalibrationData",
     "Checkpoint",
     "CheckpointError",
+    "EarlyExitEngine",
     "ExitResult",
     "InputSpec",
     "OperatingPoint",
+    "RuntimeUnavailable",
     "build_model",
     "choose_thresholds",
     "entropy_from_logits",
     "evaluate_thresholds",
     "list_models",
     "load_checkpoint",
+    "load_engine",
     "pareto_frontier",
     "save_checkpoint",
     "sweep",

@@ -10,57 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any, TypeGuard
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from models.exits import (
-    entropy_from_logits,
-    entropy_of_one,
-    threshold_matrix,
-    thresholds_for_one,
-)
-from models.inference import (
-    global_hooks_active,
-    run_module,
-    run_owned,
-    run_stage,
-    shared_prefix,
-)
-
-
-@dataclass(frozen=True)
-class ExitResult:
-    """What :meth:`BranchyNet.early_exit` answers for a batch of B samples.
-
-    Attributes:
-        logits: ``(B, C)`` float32 logits of the exit each sample took.
-        exit_index: ``(B,)`` int64, 0-based index of that exit.
-        entropy: ``(B,)`` float32 entropy (nats) of the softmax at that exit.
-    """
-
-    logits: Tensor
-    exit_index: Tensor
-    entropy: Tensor
-
-    @property
-    def prediction(self) -> Tensor:
-        """``(B,)`` int64 predicted class."""
-        return self.logits.argmax(dim=1)
-
-    def to(self, device: torch.device | str) -> ExitResult:
-        return ExitResult(
-            self.logits.to(device), self.exit_index.to(device), self.entropy.to(device)
-        )
-
-
-def _plain_numbers(values: object) -> TypeGuard[Sequence[float]]:
-    # a flat list/tuple of Python numbers: the batch-of-one fast path applies
-    return isinstance(values, list | tuple) and all(
-        isinstance(v, int | float) and not isinstance(v, bool) for v in values
-    )
+from models.engine import ExitResult, TorchExecutor, early_exit
+from models.inference import shared_prefix
 
 
 class BranchyNet(nn.Module):
@@ -139,75 +95,7 @@ class BranchyNet(nn.Module):
         return self._early_exit(x, thresholds)  # the caller already disabled autograd
 
     def _early_exit(self, x: Tensor, thresholds: Sequence[float] | Tensor) -> ExitResult:
-        n = x.shape[0]
-        last = self.num_exits - 1
-        if n == 1 and _plain_numbers(thresholds):
-            return self._early_exit_one(x, thresholds_for_one(thresholds, num_early_exits=last))
-        t = threshold_matrix(thresholds, batch_size=n, num_early_exits=last, device=x.device)
-        if n == 1:
-            return self._early_exit_one(x, t[0].tolist())
-
-        logits = torch.empty((n, self.num_classes), dtype=torch.float32, device=x.device)
-        exit_index = torch.full((n,), last, dtype=torch.int64, device=x.device)
-        entropy = torch.empty((n,), dtype=torch.float32, device=x.device)
-        # `alive` maps rows of the compacted batch back to input positions.
-        alive = torch.arange(n, device=x.device)
-        hooked = global_hooks_active()
-        shared = [0] * self.num_exits if hooked else self.shared_prefixes()
-        h, owned, skip = x, False, 0  # x is the caller's: never overwritten
-        for i, (stage, head) in enumerate(zip(self.stages, self.heads, strict=True)):
-            if alive.numel() == 0:
-                break
-            if hooked:
-                h = stage(h)
-                z = head(h).float()
-            else:
-                # layers this head shares with the next stage run once, for both
-                h, owned = run_stage(stage, head, h, skip=skip, prefix=shared[i], owned=owned)
-                skip = shared[i]
-                z = run_module(head, h, start=skip, owned=owned and i == last).float()  # (b, C)
-            e = entropy_from_logits(z)  # (b,)
-            if i == last:
-                logits[alive] = z
-                entropy[alive] = e
-                break
-            leave = e < t[:, i]
-            rows = leave.nonzero().squeeze(1)  # one host sync per exit, inherent
-            if rows.numel():
-                dst = alive[rows]
-                logits[dst] = z[rows]
-                entropy[dst] = e[rows]
-                exit_index[dst] = i
-                stay = (~leave).nonzero().squeeze(1)
-                h, alive, t, owned = h[stay], alive[stay], t[stay], True
-        return ExitResult(logits, exit_index, entropy)
-
-    def _early_exit_one(self, x: Tensor, thresholds: list[float]) -> ExitResult:
-        # Batch of one: no compaction bookkeeping, one scalar decision per exit. On a
-        # CPU a tiny net's time is mostly per-operator overhead, so this path matters.
-        # (No shared head/stage prefixes here: finding them costs more than they save
-        # for a tiny net's one sample.)
-        last = self.num_exits - 1
-        hooked = global_hooks_active()
-        h, owned = x, False
-        for i, (stage, head) in enumerate(zip(self.stages, self.heads, strict=True)):
-            if hooked:
-                h = stage(h)
-                z = head(h).float()
-            else:
-                h, owned = run_owned(stage, h, owned=owned)
-                z = run_module(head, h, owned=owned and i == last).float()
-            if i == last and not z.is_cpu:
-                e = entropy_from_logits(z)  # no decision left: no need to sync on the value
-            else:
-                # the decision needs the value on the host; on a CPU, having it also lets
-                # entropy_of_one skip the guards this sample does not need
-                e, value = entropy_of_one(z)
-                if i < last and not value < thresholds[i]:
-                    continue  # not confident enough: on to the next stage
-            index = torch.full((1,), i, dtype=torch.int64, device=x.device)
-            return ExitResult(z, index, e)
-        raise AssertionError("unreachable: the last exit always answers")
+        return early_exit(TorchExecutor(self), x, thresholds)
 
     def shared_prefixes(self) -> list[int]:
         """Per exit, how many leading layers its head shares with the next trunk stage
