@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from models.engine import ExitResult, TorchExecutor, early_exit
+from models.engine import ExitResult, Release, TorchExecutor, early_exit
 from models.inference import shared_prefix
 
 
@@ -72,7 +72,13 @@ class BranchyNet(nn.Module):
             outs.append(head(h))
         return outs
 
-    def early_exit(self, x: Tensor, thresholds: Sequence[float] | Tensor = ()) -> ExitResult:
+    def early_exit(
+        self,
+        x: Tensor,
+        thresholds: Sequence[float] | Tensor = (),
+        *,
+        release: Release | None = None,
+    ) -> ExitResult:
         """Classify a batch, letting each sample leave at the first confident exit.
 
         At early exit ``i`` a sample whose entropy is strictly below its threshold
@@ -85,17 +91,17 @@ class BranchyNet(nn.Module):
             thresholds: ``num_exits - 1`` floats, or a ``(B, num_exits - 1)`` tensor of
                 per-sample thresholds. ``0`` lets nobody leave at that exit, ``inf``
                 everybody.
+            release: called once per exit with the samples that left there (input
+                positions, exit, logits, entropies), before the next stage runs.
 
         Returns:
             The exit taken, its logits and entropy, per sample, in input order.
         """
         if torch.is_grad_enabled():
             with torch.no_grad():
-                return self._early_exit(x, thresholds)
-        return self._early_exit(x, thresholds)  # the caller already disabled autograd
-
-    def _early_exit(self, x: Tensor, thresholds: Sequence[float] | Tensor) -> ExitResult:
-        return early_exit(TorchExecutor(self), x, thresholds)
+                return early_exit(TorchExecutor(self), x, thresholds, release=release)
+        # the caller already disabled autograd
+        return early_exit(TorchExecutor(self), x, thresholds, release=release)
 
     def shared_prefixes(self) -> list[int]:
         """Per exit, how many leading layers its head shares with the next trunk stage

@@ -126,13 +126,19 @@ async def _load_all(app: FastAPI, paths: dict[str, Any], device: Any) -> None:
             max_batch_size=settings.max_batch_size,
             max_delay_s=settings.max_batch_delay_s,
             max_queue=settings.max_queue,
+            early_release=settings.early_release,
         )
         served.batcher.start()
         ckpt = engine.checkpoint
         metrics.init_model(name, engine.num_exits)
         metrics.set_thresholds(name, thresholds)
         metrics.set_model_info(
-            name, device=str(device), architecture=ckpt.model.name, exits=engine.num_exits
+            name,
+            device=str(device),
+            architecture=ckpt.model.name,
+            exits=engine.num_exits,
+            runtime=engine.runtime,
+            precision=engine.precision,
         )
         app.state.models[name] = served
     app.state.expected_models = set(app.state.models)

@@ -18,7 +18,8 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from models import BranchyNet, Checkpoint, ExitResult
+from models import BranchyNet, Checkpoint, EarlyExitEngine, ExitResult, load_engine
+from models.engine import Release, TorchExecutor
 from service.errors import (
     DeadlineExceeded,
     InternalError,
@@ -32,25 +33,34 @@ from service.metrics import Metrics
 logger = logging.getLogger(__name__)
 
 
-def run_model(model: BranchyNet, x: Tensor, thresholds: Tensor) -> ExitResult:
+def run_model(
+    engine: EarlyExitEngine, x: Tensor, thresholds: Tensor, release: Release | None = None
+) -> ExitResult:
     """Run one (sub-)batch through the early-exit engine.
 
     A module-level function on purpose: it is the single seam through which the test
     hook (``tests/service/hooked_server.py``) injects faults into a real server process.
     """
-    return model.early_exit(x, thresholds)
+    return engine.early_exit(x, thresholds, release=release)
 
 
 def split_on_oom(
-    run: Callable[[Tensor, Tensor], ExitResult], x: Tensor, thresholds: Tensor
+    run: Callable[..., ExitResult],
+    x: Tensor,
+    thresholds: Tensor,
+    release: Release | None = None,
 ) -> ExitResult:
-    """Run ``run(x, thresholds)``; on a CUDA out-of-memory error run the two halves of
-    the batch instead, recursively, down to single images.
+    """Run ``run(x, thresholds)`` (``run(x, thresholds, release)`` when ``release`` is
+    given); on a CUDA out-of-memory error run the two halves of the batch instead,
+    recursively, down to single images.
 
     Args:
         run: the batch function.
         x: ``(B, ...)`` input.
         thresholds: ``(B, E-1)`` per-sample thresholds, split along with ``x``.
+        release: early answers, with positions in ``x`` (a half's positions are shifted
+            back). A failed attempt may have released some samples already: the
+            receiver ignores a sample it has seen.
 
     Returns:
         The results of the whole batch in input order.
@@ -59,7 +69,7 @@ def split_on_oom(
         torch.cuda.OutOfMemoryError: a single image does not fit.
     """
     try:
-        return run(x, thresholds)
+        return run(x, thresholds) if release is None else run(x, thresholds, release)
     except torch.cuda.OutOfMemoryError:
         if x.shape[0] <= 1:
             raise
@@ -71,13 +81,24 @@ def split_on_oom(
     n = x.shape[0]
     half = n // 2
     logger.warning("out of memory on a batch of %d; splitting it into %d + %d", n, half, n - half)
-    a = split_on_oom(run, x[:half], thresholds[:half])
-    b = split_on_oom(run, x[half:], thresholds[half:])
+    a = split_on_oom(run, x[:half], thresholds[:half], release)
+    b = split_on_oom(run, x[half:], thresholds[half:], _shifted(release, half))
     return ExitResult(
         torch.cat([a.logits, b.logits]),
         torch.cat([a.exit_index, b.exit_index]),
         torch.cat([a.entropy, b.entropy]),
     )
+
+
+def _shifted(release: Release | None, offset: int) -> Release | None:
+    if release is None:
+        return None
+    inner = release
+
+    def shifted(rows: Tensor, exit_index: int, logits: Tensor, entropy: Tensor) -> None:
+        inner(rows + offset, exit_index, logits, entropy)
+
+    return shifted
 
 
 @dataclass(frozen=True)
@@ -90,11 +111,18 @@ class BatchOutput:
 
 
 class Engine:
-    """A checkpoint's network on its device, ready to run CPU batches.
+    """A checkpoint's network ready to run CPU batches, on the runtime chosen for it.
+
+    On the CPU the network runs on ``models.load_engine``'s executor (``runtime`` and
+    ``precision``: ``auto`` picks the fastest that agrees with the eager engine); on CUDA
+    on the eager engine, optionally in float16 and compiled.
 
     Args:
         checkpoint: the loaded checkpoint (its model is moved to ``device``).
         device: where to compute.
+        runtime: ``auto``, ``torch``, ``onnxruntime`` or ``openvino`` (CPU only).
+        precision: ``auto``, ``fp32`` or ``bf16`` (CPU only).
+        threads: intra-op threads of the CPU runtimes (default: torch's).
         half_precision: run in float16 (only honoured on CUDA).
         compile: wrap stages and heads in ``torch.compile`` (only honoured on CUDA).
     """
@@ -104,25 +132,48 @@ class Engine:
         checkpoint: Checkpoint,
         device: torch.device,
         *,
+        runtime: str = "auto",
+        precision: str = "auto",
+        threads: int | None = None,
         half_precision: bool = False,
         compile: bool = False,
     ) -> None:
         self.checkpoint = checkpoint
         self.device = device
-        self.model = checkpoint.model.to(device).eval()
         self.half = half_precision and device.type == "cuda"
         self._pinned_buffer: Tensor | None = None
-        if self.half:
-            self.model.half()
-        if compile and device.type == "cuda":
-            for i, stage in enumerate(self.model.stages):
-                self.model.stages[i] = torch.compile(stage, dynamic=True)  # type: ignore[assignment]
-            for i, head in enumerate(self.model.heads):
-                self.model.heads[i] = torch.compile(head, dynamic=True)  # type: ignore[assignment]
+        if device.type == "cuda":
+            model = checkpoint.model.to(device).eval()
+            if self.half:
+                model.half()
+            if compile:
+                for i, stage in enumerate(model.stages):
+                    model.stages[i] = torch.compile(stage, dynamic=True)  # type: ignore[assignment]
+                for i, head in enumerate(model.heads):
+                    model.heads[i] = torch.compile(head, dynamic=True)  # type: ignore[assignment]
+            why = "the CPU runtimes do not run on CUDA" + ("; float16" if self.half else "")
+            self.runner = EarlyExitEngine(checkpoint, TorchExecutor(model), why)
+        else:
+            self.runner = load_engine(
+                checkpoint, runtime=runtime, precision=precision, device=device, threads=threads
+            )
+        self.model: BranchyNet = checkpoint.model  # the eager network (reference)
 
     @property
     def num_exits(self) -> int:
         return self.model.num_exits
+
+    @property
+    def runtime(self) -> str:
+        return self.runner.runtime
+
+    @property
+    def precision(self) -> str:
+        return "fp16" if self.half else self.runner.precision
+
+    @property
+    def reason(self) -> str:
+        return self.runner.reason
 
     def _pinned(self, shape: torch.Size) -> Tensor:
         n = shape[0]
@@ -130,12 +181,14 @@ class Engine:
             self._pinned_buffer = torch.empty(shape, dtype=torch.float32).pin_memory()
         return self._pinned_buffer[:n]
 
-    def run(self, x: Tensor, thresholds: Tensor) -> BatchOutput:
+    def run(self, x: Tensor, thresholds: Tensor, release: Release | None = None) -> BatchOutput:
         """Classify a CPU batch.
 
         Args:
             x: ``(B, C, H, W)`` float32 normalised input on the CPU.
             thresholds: ``(B, E-1)`` float32 per-sample thresholds.
+            release: called with the samples leaving at each exit as soon as it is
+                decided (see ``models.engine.early_exit``).
         """
         with torch.inference_mode():
             if self.device.type == "cuda":
@@ -148,8 +201,10 @@ class Engine:
                 thresholds = thresholds.to(self.device, non_blocking=True)
             if self.half:
                 x = x.half()
-            model = self.model
-            result = split_on_oom(lambda xb, tb: run_model(model, xb, tb), x, thresholds)
+            runner = self.runner
+            result = split_on_oom(
+                lambda xb, tb, rel=None: run_model(runner, xb, tb, rel), x, thresholds, release
+            )
             probs = torch.softmax(result.logits.float(), dim=1)
             return BatchOutput(probs.cpu(), result.exit_index.cpu(), result.entropy.float().cpu())
 
@@ -212,6 +267,8 @@ class Batcher:
         max_batch_size: images per batch at most.
         max_delay_s: longest time the oldest queued image waits for the batch to fill.
         max_queue: images waiting at most; a request that does not fit is refused whole.
+        early_release: answer each image as soon as its exit is decided, not at the end
+            of its batch.
     """
 
     def __init__(
@@ -223,8 +280,10 @@ class Batcher:
         max_batch_size: int,
         max_delay_s: float,
         max_queue: int,
+        early_release: bool = True,
     ) -> None:
         self.name = name
+        self.early_release = early_release
         self.source = source
         self.metrics = metrics
         self.max_batch_size = max_batch_size
@@ -311,7 +370,9 @@ class Batcher:
             if batch is None:
                 return
             try:
-                outputs = await loop.run_in_executor(self._executor, self._compute, batch)
+                # answers reach the futures through _deliver, scheduled on this loop by
+                # the worker thread before the executor's own completion is
+                await loop.run_in_executor(self._executor, self._compute, batch, loop)
             except Exception as exc:  # one bad batch must not stop the batcher
                 error_id = new_error_id()
                 logger.error(
@@ -326,13 +387,16 @@ class Batcher:
                     f"inference failed for a batch of model {self.name!r} (error id {error_id})",
                     error_id=error_id,
                 )
-                for item in batch:
+                for item in batch:  # images released before the failure keep their answer
                     if not item.future.done():
                         item.future.set_exception(err)
-                continue
-            for item, out in zip(batch, outputs, strict=True):
-                if not item.future.done():
-                    item.future.set_result(out)
+
+    @staticmethod
+    def _deliver(answers: list[tuple[_Item, Classified]]) -> None:
+        # on the event loop
+        for item, out in answers:
+            if not item.future.done():
+                item.future.set_result(out)
 
     async def _next_batch(self) -> list[_Item] | None:
         while True:
@@ -382,61 +446,82 @@ class Batcher:
         self.metrics.queue_depth.labels(self.name).set(len(self._items))
         return batch
 
-    def _compute(self, batch: list[_Item]) -> list[Classified]:
+    def _compute(self, batch: list[_Item], loop: asyncio.AbstractEventLoop) -> None:
         # Runs in the worker thread. Engine and thresholds are read once: the whole batch
         # sees one model and one threshold setting even while an admin changes them.
         # Images queued before a reload run on the engine they were decoded for, with the
         # thresholds in force then (in practice a batch has one group).
+        # With early release each exit's answers go back as soon as it is decided;
+        # without, the whole batch's at the end.
+        held: list[tuple[_Item, Classified]] = []
+
+        def deliver(answers: list[tuple[_Item, Classified]]) -> None:
+            if self.early_release:
+                loop.call_soon_threadsafe(self._deliver, answers)
+            else:
+                held.extend(answers)
+
         engine, shared = self.source.snapshot()
-        groups: dict[int, list[int]] = {}
-        for k, item in enumerate(batch):
-            groups.setdefault(id(item.engine), []).append(k)
-        results: list[Classified | None] = [None] * len(batch)
-        for ks in groups.values():
-            items = [batch[k] for k in ks]
+        groups: dict[int, list[_Item]] = {}
+        for item in batch:
+            groups.setdefault(id(item.engine), []).append(item)
+        for items in groups.values():
             run_on = items[0].engine
             default = shared if run_on is engine else items[0].shared_at_submit
-            for k, out in zip(ks, self._run_group(run_on, default, items), strict=True):
-                results[k] = out
-        return [r for r in results if r is not None]
+            self._run_group(run_on, default, items, deliver)
+        if held:
+            loop.call_soon_threadsafe(self._deliver, held)
 
     def _run_group(
-        self, engine: Engine, shared: tuple[float, ...], batch: list[_Item]
-    ) -> list[Classified]:
+        self,
+        engine: Engine,
+        shared: tuple[float, ...],
+        batch: list[_Item],
+        deliver: Callable[[list[tuple[_Item, Classified]]], None],
+    ) -> None:
         n, e = len(batch), engine.num_exits - 1
         per_sample = [item.thresholds if item.thresholds is not None else shared for item in batch]
         t = torch.tensor(per_sample, dtype=torch.float32).reshape(n, e)
         x = torch.stack([item.x for item in batch])
-        start = time.perf_counter()
-        out = engine.run(x, t)
-        elapsed = time.perf_counter() - start
-
         m, name = self.metrics, self.name
-        m.inference_duration.labels(name).observe(elapsed)
-        m.batch_size.labels(name).observe(n)
-        exits = out.exit_index.tolist()
-        entropies = out.entropy.tolist()
-        conf, cls = out.probabilities.max(dim=1)
         names = engine.checkpoint.class_names
-        results = []
-        for k, item in enumerate(batch):
-            m.queue_wait.labels(name).observe(item.wait_s)
-            ex = str(exits[k])
-            m.exits.labels(name, ex).inc()
-            ent = entropies[k]
-            m.exit_entropy.labels(name, ex).observe(ent if math.isfinite(ent) else 0.0)
-            results.append(
-                Classified(
-                    class_index=int(cls[k]),
-                    confidence=float(conf[k]),
-                    entropy=ent,
-                    exit_index=exits[k],
-                    probabilities=out.probabilities[k],
-                    queue_wait_s=item.wait_s,
-                    inference_s=elapsed,
-                    batch_size=n,
-                    thresholds=per_sample[k],
-                    class_names=names,
+        answered = [False] * n  # an out-of-memory retry may release a sample twice
+        start = time.perf_counter()
+
+        def release(rows: Tensor, exit_index: int, logits: Tensor, entropy: Tensor) -> None:
+            elapsed = time.perf_counter() - start
+            probs = torch.softmax(logits.float(), dim=1).cpu()
+            conf, cls = probs.max(dim=1)
+            entropies = entropy.float().cpu().tolist()
+            ex = str(exit_index)
+            answers = []
+            for k, r in enumerate(rows.tolist()):
+                if answered[r]:
+                    continue
+                answered[r] = True
+                item, ent = batch[r], entropies[k]
+                m.queue_wait.labels(name).observe(item.wait_s)
+                m.exits.labels(name, ex).inc()
+                m.exit_entropy.labels(name, ex).observe(ent if math.isfinite(ent) else 0.0)
+                answers.append(
+                    (
+                        item,
+                        Classified(
+                            class_index=int(cls[k]),
+                            confidence=float(conf[k]),
+                            entropy=ent,
+                            exit_index=exit_index,
+                            probabilities=probs[k],
+                            queue_wait_s=item.wait_s,
+                            inference_s=elapsed,
+                            batch_size=n,
+                            thresholds=per_sample[r],
+                            class_names=names,
+                        ),
+                    )
                 )
-            )
-        return results
+            deliver(answers)
+
+        engine.run(x, t, release)
+        m.inference_duration.labels(name).observe(time.perf_counter() - start)
+        m.batch_size.labels(name).observe(n)

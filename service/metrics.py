@@ -33,7 +33,7 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry(auto_describe=True)
         r = self.registry
-        self._info_labels: dict[str, tuple[str, str, str, str]] = {}
+        self._info_labels: dict[str, tuple[str, ...]] = {}
         self.requests = Counter(
             "branchy_requests_total",
             "Requests answered, by status code.",
@@ -98,8 +98,8 @@ class Metrics:
         )
         self.model_info = Gauge(
             "branchy_model_info",
-            "Loaded model (value 1).",
-            ["model", "device", "architecture", "exits"],
+            "Loaded model (value 1), with the runtime and precision that serve it.",
+            ["model", "device", "architecture", "exits", "runtime", "precision"],
             registry=r,
         )
 
@@ -114,12 +114,21 @@ class Metrics:
         for i, t in enumerate(thresholds):
             self.threshold.labels(model, str(i)).set(t)
 
-    def set_model_info(self, model: str, *, device: str, architecture: str, exits: int) -> None:
+    def set_model_info(
+        self,
+        model: str,
+        *,
+        device: str,
+        architecture: str,
+        exits: int,
+        runtime: str = "torch",
+        precision: str = "fp32",
+    ) -> None:
         # A reload may change the architecture: drop the model's old series first.
         old = self._info_labels.pop(model, None)
         if old is not None:
             self.model_info.remove(*old)
-        labels = (model, device, architecture, str(exits))
+        labels = (model, device, architecture, str(exits), runtime, precision)
         self.model_info.labels(*labels).set(1)
         self._info_labels[model] = labels
 

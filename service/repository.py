@@ -77,15 +77,22 @@ def load_engine(path: Path, device: torch.device, settings: Settings) -> Engine:
     checkpoint = load_checkpoint(path, device="cpu")
     checkpoint.model.exit_macs()  # counted (and cached) on the CPU in float32
     engine = Engine(
-        checkpoint, device, half_precision=settings.half_precision, compile=settings.compile
+        checkpoint,
+        device,
+        runtime=settings.runtime,
+        precision=settings.precision,
+        half_precision=settings.half_precision,
+        compile=settings.compile,
     )
     engine.warm_up(sorted({1, settings.max_batch_size})[: settings.warmup_batches])
     logger.info(
-        "loaded %s (%s, %d exits) on %s in %.2f s",
+        "loaded %s (%s, %d exits) on %s, runtime %s %s, in %.2f s",
         path,
         checkpoint.model.name,
         checkpoint.model.num_exits,
         device,
+        engine.runtime,
+        engine.precision,
         time.perf_counter() - start,
     )
     return engine
@@ -172,6 +179,9 @@ class ServedModel:
             "classes": list(ckpt.class_names),
             "input": ckpt.input_spec.to_json(),
             "device": str(engine.device),
+            "runtime": engine.runtime,
+            "precision": engine.precision,
+            "runtime_reason": engine.reason,
             "half_precision": engine.half,
             "exit_macs": ckpt.model.exit_macs(),
             "has_calibration": ckpt.calibration is not None,

@@ -16,6 +16,8 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 # container the Dockerfile points BRANCHY_MODEL_REPOSITORY at /app/zoo.
 DEFAULT_REPOSITORY = Path(__file__).resolve().parent.parent / "zoo"
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+_RUNTIMES = ("auto", "torch", "onnxruntime", "openvino")
+_PRECISIONS = ("auto", "fp32", "bf16")
 _LOG_LEVELS = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG")
 
 
@@ -44,6 +46,14 @@ class Settings(BaseSettings):
         state_poll_s: how often to look for threshold files changed by another replica
             sharing ``state_dir`` (0 = never).
         allow_request_thresholds: whether a request may carry its own thresholds.
+        runtime: what runs the network on the CPU: ``auto`` (the fastest installed runtime
+            that agrees with the eager engine, measured at load; see
+            ``models.load_engine``), ``torch``, ``onnxruntime`` or ``openvino``. On CUDA the
+            eager engine serves. A missing or failing runtime falls back to torch, logged.
+        precision: ``auto`` (fp32), ``fp32`` or ``bf16`` (OpenVINO on CPUs with native
+            bf16; thresholds stay the fp32 calibration's).
+        early_release: answer each image as soon as its exit is decided, without waiting
+            for the batch's later stages.
         half_precision: run the model in float16 (CUDA only).
         compile: wrap stages and heads in ``torch.compile`` (CUDA only).
         torch_threads: intra-op threads of torch in the server process (0 = torch's default,
@@ -74,6 +84,9 @@ class Settings(BaseSettings):
     state_dir: Path = Path("state")
     state_poll_s: float = Field(default=5.0, ge=0)
     allow_request_thresholds: bool = True
+    runtime: str = "auto"
+    precision: str = "auto"
+    early_release: bool = True
     half_precision: bool = False
     compile: bool = False
     torch_threads: int = Field(default=0, ge=0, le=1024)
@@ -94,6 +107,22 @@ class Settings(BaseSettings):
         value = value.strip().lower()
         if not _DEVICE.match(value):
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N; got {value!r}")
+        return value
+
+    @field_validator("runtime")
+    @classmethod
+    def _check_runtime(cls, value: str) -> str:
+        value = value.strip().lower()
+        if value not in _RUNTIMES:
+            raise ValueError(f"runtime must be one of {', '.join(_RUNTIMES)}; got {value!r}")
+        return value
+
+    @field_validator("precision")
+    @classmethod
+    def _check_precision(cls, value: str) -> str:
+        value = value.strip().lower()
+        if value not in _PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(_PRECISIONS)}; got {value!r}")
         return value
 
     @field_validator("log_level")

@@ -105,6 +105,8 @@ async def reload_model(request: Request, model: ModelDep, settings: SettingsDep)
             device=str(engine.device),
             architecture=engine.checkpoint.model.name,
             exits=engine.num_exits,
+            runtime=engine.runtime,
+            precision=engine.precision,
         )
         logger.info(
             "model %r reloaded from %s (thresholds %s from %s)",

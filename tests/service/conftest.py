@@ -124,6 +124,7 @@ def make_settings(model_repo: Path, tmp_path: Path) -> Callable[..., Settings]:
             "model_repository": model_repo,
             "state_dir": tmp_path / "state",
             "device": "cpu",
+            "runtime": "torch",  # the reference; tests/service/test_runtimes.py serves the rest
             "warmup_batches": 1,
             "state_poll_s": 0,
         }
@@ -217,11 +218,13 @@ class ServerProcess:
 
 def server_env(model_repo: Path, tmp: Path) -> dict[str, str]:
     """The settings every test server starts from: the tiny repository, a fresh state
-    folder, the CPU, one warm-up batch."""
+    folder, the CPU and its eager reference engine (tests/service/test_runtimes.py serves
+    the other runtimes), one warm-up batch."""
     return {
         "BRANCHY_MODEL_REPOSITORY": str(model_repo),
         "BRANCHY_STATE_DIR": str(tmp / "state"),
         "BRANCHY_DEVICE": "cpu",
+        "BRANCHY_RUNTIME": "torch",
         "BRANCHY_WARMUP_BATCHES": "1",
     }
 

@@ -37,7 +37,9 @@ logger = logging.getLogger("hooked_server")
 _original = service.batcher.run_model
 
 
-def _hooked_run_model(model: object, x: torch.Tensor, thresholds: torch.Tensor) -> object:
+def _hooked_run_model(
+    model: object, x: torch.Tensor, thresholds: torch.Tensor, release: object = None
+) -> object:
     path = os.environ.get("BRANCHY_TEST_FAULT_FILE")
     command = ""
     if path:
@@ -54,7 +56,7 @@ def _hooked_run_model(model: object, x: torch.Tensor, thresholds: torch.Tensor) 
         time.sleep(float(arg))
     if op == "oom" and x.shape[0] > int(arg):
         raise torch.cuda.OutOfMemoryError(f"injected OOM for a batch of {x.shape[0]} > {arg}")
-    return _original(model, x, thresholds)  # type: ignore[arg-type]
+    return _original(model, x, thresholds, release)  # type: ignore[arg-type]
 
 
 service.batcher.run_model = _hooked_run_model  # type: ignore[assignment]

@@ -136,10 +136,10 @@ def test_oom_inside_the_server_is_answered_by_splitting(
 ) -> None:
     real = service.batcher.run_model
 
-    def oom_above_two(model, x, t):  # type: ignore[no-untyped-def]
+    def oom_above_two(model, x, t, *rest):  # type: ignore[no-untyped-def]
         if x.shape[0] > 2:
             raise torch.cuda.OutOfMemoryError("injected")
-        return real(model, x, t)
+        return real(model, x, t, *rest)
 
     monkeypatch.setattr(service.batcher, "run_model", oom_above_two)
     client = make_client()
@@ -156,11 +156,11 @@ def test_a_failing_batch_fails_only_its_requests(
     real = service.batcher.run_model
     calls = {"n": 0}
 
-    def fail_first(model, x, t):  # type: ignore[no-untyped-def]
+    def fail_first(model, x, t, *rest):  # type: ignore[no-untyped-def]
         calls["n"] += 1
         if calls["n"] == 1:
             raise RuntimeError("injected fault")
-        return real(model, x, t)
+        return real(model, x, t, *rest)
 
     client = make_client()
     monkeypatch.setattr(service.batcher, "run_model", fail_first)
@@ -177,9 +177,9 @@ def test_a_failing_batch_fails_only_its_requests(
 def _slow(monkeypatch: pytest.MonkeyPatch, seconds: float) -> None:
     real = service.batcher.run_model
 
-    def slow(model, x, t):  # type: ignore[no-untyped-def]
+    def slow(model, x, t, *rest):  # type: ignore[no-untyped-def]
         time.sleep(seconds)
-        return real(model, x, t)
+        return real(model, x, t, *rest)
 
     monkeypatch.setattr(service.batcher, "run_model", slow)
 
