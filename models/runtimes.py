@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -47,6 +48,17 @@ FP32_LOGIT_TOLERANCE = 1e-3
 
 class RuntimeUnavailable(RuntimeError):
     """The runtime is not installed, or cannot run this network at this precision."""
+
+
+_PATH = re.compile(r"(?:[A-Za-z]:)?(?:[\\/][\w.+@-]+){2,}")
+
+
+def brief(exc: BaseException) -> str:
+    """An exception's message for a reason string that clients may read: its first line,
+    at most 200 characters, file paths (runtimes name their source files) left out."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    text = _PATH.sub("<path>", text)
+    return text if len(text) <= 200 else text[:197] + "..."
 
 
 def _numpy_input(x: Tensor) -> np.ndarray:
@@ -91,7 +103,7 @@ class OnnxRuntimeExecutor(_NumpyExecutor):
         try:
             import onnxruntime as ort
         except ImportError as exc:
-            raise RuntimeUnavailable(f"onnxruntime is not installed ({exc})") from None
+            raise RuntimeUnavailable(f"onnxruntime is not installed ({brief(exc)})") from None
         from models.onnx_export import export_segments
 
         options = ort.SessionOptions()
@@ -147,7 +159,7 @@ class OpenVinoExecutor(_NumpyExecutor):
         try:
             import openvino as ov
         except ImportError as exc:
-            raise RuntimeUnavailable(f"openvino is not installed ({exc})") from None
+            raise RuntimeUnavailable(f"openvino is not installed ({brief(exc)})") from None
         from models.onnx_export import export_segments
 
         if precision == "bf16" and not openvino_has_bf16():
@@ -304,13 +316,13 @@ def _try(
     except (RuntimeUnavailable, ExportError) as exc:
         return None, str(exc)
     except Exception as exc:  # a runtime's own failure to compile must not stop loading
-        return None, f"{type(exc).__name__}: {exc}"
+        return None, f"{type(exc).__name__}: {brief(exc)}"
     if runtime == "torch":
         return executor, "reference"
     try:
         error = agreement_error(executor, net, probe)
     except Exception as exc:
-        return None, f"failed on the probe batch: {type(exc).__name__}: {exc}"
+        return None, f"failed on the probe batch: {type(exc).__name__}: {brief(exc)}"
     bound = FP32_LOGIT_TOLERANCE if precision == "fp32" else 0.1
     if not error <= bound:
         return None, f"disagrees with the eager engine (logit error {error:.2e} > {bound:g})"

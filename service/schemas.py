@@ -68,6 +68,11 @@ class ModelDetail(BaseModel):
     classes: list[str]
     input: dict[str, Any]
     device: str
+    runtime: str = Field(description="What runs the network: torch, onnxruntime or openvino.")
+    precision: str = Field(description="fp32, bf16 or fp16.")
+    runtime_reason: str = Field(
+        description="Why this runtime serves: the load-time measurements, or a fallback's cause."
+    )
     half_precision: bool
     exit_macs: list[int] = Field(description="MACs to reach and evaluate each exit.")
     has_calibration: bool
