@@ -12,7 +12,6 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from models.engine import ExitResult, Release, TorchExecutor, early_exit
@@ -97,10 +96,6 @@ class BranchyNet(nn.Module):
         Returns:
             The exit taken, its logits and entropy, per sample, in input order.
         """
-        if torch.is_grad_enabled():
-            with torch.no_grad():
-                return early_exit(TorchExecutor(self), x, thresholds, release=release)
-        # the caller already disabled autograd
         return early_exit(TorchExecutor(self), x, thresholds, release=release)
 
     def shared_prefixes(self) -> list[int]:

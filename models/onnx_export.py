@@ -231,8 +231,18 @@ def _entropy(g: _Graph, logits: str, num_classes: int) -> str:
 
 
 def _rename(g: _Graph, value: str, name: str) -> None:
-    # graph outputs get stable names through an Identity (runtimes drop it)
-    g.nodes.append(helper.make_node("Identity", [value], [name]))
+    # Graph outputs get stable names by renaming the value where it is made and read
+    # (an Identity node would cost a copy of the tensor on ONNX Runtime).
+    if value == "x":  # a segment that computes nothing before its output
+        g.nodes.append(helper.make_node("Identity", [value], [name]))
+        return
+    for node in g.nodes:
+        for k, v in enumerate(node.output):
+            if v == value:
+                node.output[k] = name
+        for k, v in enumerate(node.input):
+            if v == value:
+                node.input[k] = name
 
 
 def _segment_layers(net: BranchyNet) -> list[tuple[list[nn.Module], list[nn.Module]]]:
