@@ -187,29 +187,39 @@ class OpenVinoExecutor(_NumpyExecutor):
             "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32",
             "ENABLE_CPU_PINNING": False,  # the server's other threads share these cores
         }
-        self._compiled = [
-            core.compile_model(core.read_model(m.SerializeToString()), "CPU", config)
-            for m in export_segments(net)
-        ]
+        segments = [m.SerializeToString() for m in export_segments(net)]
+        self._compiled = [core.compile_model(core.read_model(m), "CPU", config) for m in segments]
+        # A batch of one (the latency case) runs on models compiled for that static
+        # shape: 5-12 % faster than the dynamic ones on our CPU (LeNet, AlexNet).
+        singles = []
+        for m in segments:
+            model = core.read_model(m)
+            shape = model.input(0).get_partial_shape()
+            shape[0] = 1  # the batch; the other dimensions are static already
+            model.reshape({"x": shape})
+            singles.append(core.compile_model(model, "CPU", config))
         actual = str(self._compiled[0].get_property("INFERENCE_PRECISION_HINT"))
         self.precision = "bf16" if "bf16" in actual else "fp32"
         if self.precision != precision:
             raise RuntimeUnavailable(f"OpenVINO compiled for {actual}, not {precision}")
         self._tensor = ov.Tensor
-        self._requests = [c.create_infer_request() for c in self._compiled]
-        self._ports = [
-            [c.output(n) for n in ("hidden", "logits", "entropy") if i < self.num_exits - 1
-             or n != "hidden"]
-            for i, c in enumerate(self._compiled)
-        ]  # fmt: skip
+        names = ("hidden", "logits", "entropy")
+        self._requests, self._ports = [], []
+        for compiled in (self._compiled, singles):
+            self._requests.append([c.create_infer_request() for c in compiled])
+            self._ports.append([
+                [c.output(n) for n in names if i < self.num_exits - 1 or n != "hidden"]
+                for i, c in enumerate(compiled)
+            ])  # fmt: skip
 
     def segment(self, i: int, state: np.ndarray, *, one: bool) -> tuple[Any, Array, Array]:
-        request = self._requests[i]
+        single = int(state.shape[0] == 1)
+        request = self._requests[single][i]
         # the input is shared with NumPy, not copied (set_input_tensor and infer() cost
         # less than infer(dict) at batch 1)
         request.set_input_tensor(self._tensor(state, shared_memory=True))
         request.infer()
-        ports = self._ports[i]
+        ports = self._ports[single][i]
         # logits and entropy are copied: the caller may keep them past this request's
         # next run; hidden is consumed by the next segment before that
         z = request.get_tensor(ports[-2]).data.copy()
