@@ -9,15 +9,17 @@ import re
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 # The committed model zoo, next to the ``service`` package in a source checkout; in the
 # container the Dockerfile points BRANCHY_MODEL_REPOSITORY at /app/zoo.
 DEFAULT_REPOSITORY = Path(__file__).resolve().parent.parent / "zoo"
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
-_RUNTIMES = ("auto", "torch", "onnxruntime", "openvino")
-_PRECISIONS = ("auto", "fp32", "bf16")
+_CHOICES = {
+    "runtime": ("auto", "torch", "onnxruntime", "openvino"),
+    "precision": ("auto", "fp32", "bf16"),
+}
 _LOG_LEVELS = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG")
 
 
@@ -109,20 +111,15 @@ class Settings(BaseSettings):
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N; got {value!r}")
         return value
 
-    @field_validator("runtime")
+    @field_validator("runtime", "precision")
     @classmethod
-    def _check_runtime(cls, value: str) -> str:
+    def _check_choice(cls, value: str, info: ValidationInfo) -> str:
         value = value.strip().lower()
-        if value not in _RUNTIMES:
-            raise ValueError(f"runtime must be one of {', '.join(_RUNTIMES)}; got {value!r}")
-        return value
-
-    @field_validator("precision")
-    @classmethod
-    def _check_precision(cls, value: str) -> str:
-        value = value.strip().lower()
-        if value not in _PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(_PRECISIONS)}; got {value!r}")
+        allowed = _CHOICES[str(info.field_name)]
+        if value not in allowed:
+            raise ValueError(
+                f"{info.field_name} must be one of {', '.join(allowed)}; got {value!r}"
+            )
         return value
 
     @field_validator("log_level")

@@ -32,6 +32,11 @@ def test_invalid_settings_stop_start_up(model_repo: Path) -> None:
                      "BRANCHY_DEVICE": "tpu"})  # fmt: skip
     assert bad.returncode == 2
     assert "BRANCHY_MAX_BATCH_SIZE" in bad.stderr and "BRANCHY_DEVICE" in bad.stderr
+    choices = _run_main({"BRANCHY_MODEL_REPOSITORY": str(model_repo),
+                         "BRANCHY_RUNTIME": "tensorrt", "BRANCHY_PRECISION": "int4"})  # fmt: skip
+    assert choices.returncode == 2
+    assert "BRANCHY_RUNTIME" in choices.stderr and "onnxruntime, openvino" in choices.stderr
+    assert "BRANCHY_PRECISION" in choices.stderr and "fp32, bf16" in choices.stderr
     missing = _run_main({"BRANCHY_MODEL_REPOSITORY": "/no/such/folder"})
     assert missing.returncode == 2 and "not a directory" in missing.stderr
 
