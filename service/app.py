@@ -219,8 +219,11 @@ class LimitsMiddleware:
             metrics.reject(model, "too_large")
             # Read (and drop) what the client is still sending before answering: closing
             # a connection with unread data makes the kernel reset it, and the client
-            # would see a transport error instead of the 413.
-            await _drain(receive, max_bytes=2 * limit, max_s=_DRAIN_S)
+            # would see a transport error instead of the 413. Not when the client waits
+            # for "100 Continue" (reading would ask it to send), nor for a body so large
+            # that it would be cut off anyway.
+            if not _expects_continue(scope) and declared <= 2 * limit:
+                await _drain(receive, max_bytes=2 * limit, max_s=_DRAIN_S)
             await _send_error(
                 send_wrapper,
                 413,
@@ -321,6 +324,12 @@ async def _drain(receive: Receive, *, max_bytes: int, max_s: float) -> None:
         seen += len(message.get("body", b""))
         if not message.get("more_body", False):
             return
+
+
+def _expects_continue(scope: Scope) -> bool:
+    return any(
+        key == b"expect" and value.lower() == b"100-continue" for key, value in scope["headers"]
+    )
 
 
 def _content_length(scope: Scope) -> int | None:

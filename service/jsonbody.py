@@ -98,14 +98,21 @@ def _finite_float(text: str) -> float:
     return value
 
 
+# Bytes a JSON number literal is made of.
+_NUMBER_BYTES = np.zeros(256, dtype=bool)
+_NUMBER_BYTES[list(b"-+0123456789.eE")] = True
+
+
 def _check_bounds(body: bytes, limits: JsonLimits, what: str) -> None:
-    strings = len(_STRING.findall(body)) if b'"' in body else 0
-    bare = _STRING.sub(b'""', body) if strings else body
+    bare = _STRING.sub(b'""', body) if b'"' in body else body
     arr = np.frombuffer(bare, dtype=np.uint8)
-    opens = (arr == ord("[")) | (arr == ord("{"))
-    closes = (arr == ord("]")) | (arr == ord("}"))
-    step = opens.astype(np.int64) - closes.astype(np.int64)
-    depth = int(np.cumsum(step).max(initial=0))
+    # Depth: a running sum over the brackets only (few, even in a large numeric body).
+    brackets = np.flatnonzero(
+        (arr == ord("[")) | (arr == ord("{")) | (arr == ord("]")) | (arr == ord("}"))
+    )
+    kinds = arr[brackets]
+    opens = (kinds == ord("[")) | (kinds == ord("{"))
+    depth = int(np.cumsum(np.where(opens, 1, -1)).max(initial=0))
     if depth > limits.max_depth:
         raise BadRequest(
             f"{what} nests arrays/objects {depth} deep; the limit is {limits.max_depth}"
@@ -115,9 +122,12 @@ def _check_bounds(body: bytes, limits: JsonLimits, what: str) -> None:
     values = int(np.count_nonzero(arr == ord(","))) + int(np.count_nonzero(opens)) + 1
     if values > limits.max_values:
         raise BadRequest(f"{what} holds about {values} values; the limit is {limits.max_values}")
-    long_number = re.search(rb"[-+0-9.eE]{%d,}" % (limits.max_number_chars + 1), bare)
-    if long_number is not None:
+    # Longest run of number bytes: where the mask switches on and off.
+    mask = np.concatenate(([False], _NUMBER_BYTES[arr], [False]))
+    edges = np.flatnonzero(mask[1:] != mask[:-1])
+    longest = int((edges[1::2] - edges[::2]).max(initial=0))
+    if longest > limits.max_number_chars:
         raise BadRequest(
-            f"{what} holds a number literal longer than {limits.max_number_chars} characters "
-            f"({long_number.group()[:20].decode()}...)"
+            f"{what} holds a number literal of {longest} characters; the limit is "
+            f"{limits.max_number_chars}"
         )
