@@ -348,7 +348,9 @@ class Load:
 
 def _error_code(resp: httpx.Response) -> str:
     try:
-        return str(resp.json()["error"]["code"])
+        body = resp.json()
+        # /v2 answers the Open Inference Protocol's {"error": "<message>", "code": ...}.
+        return str(body["code"] if isinstance(body["error"], str) else body["error"]["code"])
     except (ValueError, KeyError, TypeError):
         return f"<not the error shape: {resp.text[:80]!r}>"
 
@@ -438,7 +440,7 @@ def verdict(load: Load, before: dict[Any, float], after: dict[Any, float]) -> di
     }
 
     def sample(rs: list[Record]) -> list[dict[str, Any]]:
-        return [dataclasses.asdict(r) for r in rs[:10]]
+        return [_jsonable(dataclasses.asdict(r)) for r in rs[:10]]
 
     return {
         "passed": all(checks.values()),
@@ -475,6 +477,17 @@ def verdict(load: Load, before: dict[Any, float], after: dict[Any, float]) -> di
     }
 
 
+def _jsonable(value: Any) -> Any:
+    """``value`` with sets (a record's expected codes) as sorted lists, for json.dumps."""
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, set | frozenset):
+        return sorted(value)
+    return value
+
+
 def _machine() -> str:
     import os
     import platform
@@ -507,45 +520,62 @@ def print_table(report: dict[str, Any]) -> None:
         print(f"| {k.ljust(width)} | {v} |")
 
 
+def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """One soak run in ``work``: the server, the load, and the verdict (the report)."""
+    repo = args.model_repository or make_repository(work / "repository", name=args.model)
+    ref = OfflineReference(repo / args.model)
+    plan = make_plan(ref, args.model, args)
+    logger.info(
+        "pool of %d images, %d threshold settings: %s",
+        len(plan.pool),
+        len(plan.settings),
+        plan.settings,
+    )
+    env = {
+        "BRANCHY_ADMIN_TOKEN": ADMIN_TOKEN,
+        "BRANCHY_MODELS": args.model,
+        "BRANCHY_MAX_BODY_BYTES": str(plan.target.max_body_bytes),
+        "BRANCHY_MAX_IMAGES_PER_REQUEST": str(plan.target.max_images),
+        "BRANCHY_LOG_LEVEL": "WARNING",
+    }
+    with ServerProcess(repo, work, env) as server:
+        with httpx.Client(base_url=server.url, timeout=10) as c:
+            before = parse_metrics(c.get("/metrics").text)
+        load = Load(plan, server, args)
+        asyncio.run(load.run())
+        with httpx.Client(base_url=server.url, timeout=10) as c:
+            after = parse_metrics(c.get("/metrics").text)
+        alive = server.alive()
+        code = server.terminate()
+    report = verdict(load, before, after)
+    report["checks"]["server_alive_until_the_end"] = alive
+    report["passed"] = all(report["checks"].values())
+    # Informative only: the clean-exit criterion is tested in test_overload.py.
+    report["server_exit_status_after_sigterm"] = code
+    return report
+
+
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
     with tempfile.TemporaryDirectory(prefix="soak-") as tmp:
-        work = args.workdir or Path(tmp)
-        repo = args.model_repository or make_repository(work / "repository", name=args.model)
-        ref = OfflineReference(repo / args.model)
-        plan = make_plan(ref, args.model, args)
-        logger.info(
-            "pool of %d images, %d threshold settings: %s",
-            len(plan.pool),
-            len(plan.settings),
-            plan.settings,
-        )
-        env = {
-            "BRANCHY_ADMIN_TOKEN": ADMIN_TOKEN,
-            "BRANCHY_MODELS": args.model,
-            "BRANCHY_MAX_BODY_BYTES": str(plan.target.max_body_bytes),
-            "BRANCHY_MAX_IMAGES_PER_REQUEST": str(plan.target.max_images),
-            "BRANCHY_LOG_LEVEL": "WARNING",
-        }
-        with ServerProcess(repo, work, env) as server:
-            with httpx.Client(base_url=server.url, timeout=10) as c:
-                before = parse_metrics(c.get("/metrics").text)
-            load = Load(plan, server, args)
-            asyncio.run(load.run())
-            with httpx.Client(base_url=server.url, timeout=10) as c:
-                after = parse_metrics(c.get("/metrics").text)
-            alive = server.alive()
-            code = server.terminate()
-        report = verdict(load, before, after)
-        report["checks"]["server_alive_until_the_end"] = alive
-        report["passed"] = all(report["checks"].values())
-        # Informative only: the clean-exit criterion is tested in test_overload.py.
-        report["server_exit_status_after_sigterm"] = code
-    print_table(report)
+        try:
+            report = run(args, args.workdir or Path(tmp))
+        except Exception as exc:  # the run itself broke: the report still says what happened
+            logger.exception("the soak run did not complete")
+            report = {
+                "passed": False,
+                "checks": {"run_completed": False},
+                "command": " ".join([Path(sys.executable).name, *sys.argv]),
+                "machine": _machine(),
+                "error": f"{type(exc).__name__}: {exc}"[:4000],
+            }
+    if "error" not in report:
+        print_table(report)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    # default=str: whatever a record holds, the report is written.
+    args.out.write_text(json.dumps(_jsonable(report), indent=2, default=str) + "\n")
     print(f"wrote {args.out}")
     return 0 if report["passed"] else 1
 

@@ -12,6 +12,7 @@ import uvicorn
 from pydantic import ValidationError
 
 from service.app import create_app
+from service.repository import discover, resolve_device
 from service.settings import Settings
 
 logger = logging.getLogger("service")
@@ -31,6 +32,26 @@ def load_settings() -> Settings:
         sys.exit(2)
 
 
+def check_environment(settings: Settings) -> None:
+    """Settings that are valid on their own but not on this machine (``cuda`` without a
+    GPU, a repository without checkpoints, a ``BRANCHY_MODELS`` entry not in it) end the
+    process with status 2 and one message, like an invalid setting, not a traceback."""
+    try:
+        resolve_device(settings.device)
+    except ValueError as exc:
+        _fail(f"  BRANCHY_DEVICE: {exc} (use BRANCHY_DEVICE=auto or cpu on this machine)")
+    try:
+        discover(settings)
+    except (ValueError, OSError) as exc:
+        _fail(f"  BRANCHY_MODEL_REPOSITORY / BRANCHY_MODELS: {exc}")
+
+
+def _fail(line: str) -> None:
+    logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
+    logger.error("invalid settings, not starting:\n%s", line)
+    sys.exit(2)
+
+
 def _exit_cleanly(signum: int, frame: FrameType | None) -> None:
     raise SystemExit(0)
 
@@ -42,6 +63,7 @@ def main() -> None:
     # orchestrator asked for, so that handler ends the process with status 0.
     signal.signal(signal.SIGTERM, _exit_cleanly)
     settings = load_settings()
+    check_environment(settings)
     logging.basicConfig(
         level=settings.log_level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

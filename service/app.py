@@ -16,13 +16,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import __version__
-from service.batcher import Batcher
-from service.errors import error_body, install_error_handlers
+from service.errors import error_body, install_error_handlers, is_v2_path
+from service.loading import start_model
 from service.metrics import UNKNOWN_MODEL, Metrics
 from service.repository import ServedModel, discover, load_engine, resolve_device
 from service.routes import admin, classify, health, v2
 from service.settings import Settings
-from service.state import file_mtime_ns, load_thresholds
+from service.state import clean_stale_temporaries, file_mtime_ns, load_thresholds
 
 logger = logging.getLogger(__name__)
 
@@ -45,12 +45,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version=__version__,
         summary="Early-exit (BranchyNet) image classification with dynamic batching.",
         lifespan=_lifespan,
+        # No slash redirects: Starlette builds them from the client's Host header, so
+        # any client could make the server answer with a redirect to a host it names.
+        redirect_slashes=False,
     )
     app.state.settings = settings
     # Created here, not in the lifespan, so /metrics and /healthz answer while loading.
     app.state.metrics = Metrics()
     app.state.models = {}
     app.state.expected_models = set()
+    app.state.failed = {}
     app.state.ready = False
     app.state.admin_locks = {}
     install_error_handlers(app)
@@ -70,6 +74,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.device = device
     app.state.expected_models = set(paths)
     app.state.admin_locks = {name: asyncio.Lock() for name in paths}
+    # Temporaries a killed writer left behind (never renamed into place).
+    await asyncio.to_thread(clean_stale_temporaries, settings.state_dir)
     logger.info(
         "serving %d model(s) from %s on %s: %s",
         len(paths),
@@ -99,54 +105,21 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 
 async def _load_all(app: FastAPI, paths: dict[str, Any], device: Any) -> None:
-    settings: Settings = app.state.settings
-    metrics: Metrics = app.state.metrics
-    failed = []
     for name, path in paths.items():
         try:
-            engine = await asyncio.to_thread(load_engine, path, device, settings)
-        except Exception as exc:  # one bad checkpoint must not stop the others
-            logger.error("cannot load model %r from %s (not served): %s", name, path, exc)
-            failed.append(name)
+            # load_engine looked up here, at call time: the seam tests wrap.
+            await start_model(app, name, path, device, loader=load_engine)
+        except Exception:  # one bad checkpoint must not stop the others (recorded)
             continue
-        thresholds = tuple(engine.checkpoint.thresholds)
-        source = "checkpoint"
-        saved = await asyncio.to_thread(load_thresholds, settings.state_dir, name, engine.num_exits)
-        if saved is not None:
-            thresholds, source = saved.thresholds, "state"
-            logger.info(
-                "model %r: thresholds %s restored from the state folder", name, list(thresholds)
-            )
-        served = ServedModel(name, path, engine, thresholds, source=source)
-        served.state_mtime_ns = saved.mtime_ns if saved else None
-        served.batcher = Batcher(
-            name,
-            served,
-            metrics,
-            max_batch_size=settings.max_batch_size,
-            max_delay_s=settings.max_batch_delay_s,
-            max_queue=settings.max_queue,
-            early_release=settings.early_release,
+    app.state.ready = True  # loading is over; /readyz still names any failed model
+    if app.state.failed:
+        logger.error(
+            "not ready: model(s) %s failed to load (fix the folder, then POST "
+            "/admin/models/<name>/load)",
+            ", ".join(sorted(app.state.failed)),
         )
-        served.batcher.start()
-        ckpt = engine.checkpoint
-        metrics.init_model(name, engine.num_exits)
-        metrics.set_thresholds(name, thresholds)
-        metrics.set_model_info(
-            name,
-            device=str(device),
-            architecture=ckpt.model.name,
-            exits=engine.num_exits,
-            runtime=engine.runtime,
-            precision=engine.precision,
-        )
-        app.state.models[name] = served
-    app.state.expected_models = set(app.state.models)
-    if app.state.models:
-        app.state.ready = True
-        logger.info("ready: %s", ", ".join(app.state.models))
     else:
-        logger.error("no model could be loaded (%s); the server stays not ready", failed)
+        logger.info("ready: %s", ", ".join(app.state.models))
 
 
 async def _poll_state(app: FastAPI) -> None:
@@ -167,6 +140,22 @@ async def reread_state(app: FastAPI, served: ServedModel) -> bool:
     """Apply a model's state file if it changed since last seen; True when applied."""
     settings: Settings = app.state.settings
     mtime = await asyncio.to_thread(file_mtime_ns, settings.state_dir, served.name)
+    if mtime is None and served.state_mtime_ns is not None:
+        # The file we applied is gone: another replica went back to the checkpoint's
+        # thresholds (admin DELETE).
+        async with app.state.admin_locks[served.name]:
+            served.state_mtime_ns = None
+            own = tuple(served.checkpoint.thresholds)
+            if own == served.thresholds:
+                return False
+            served.set_thresholds(own, source="checkpoint")
+            app.state.metrics.set_thresholds(served.name, own)
+            logger.info(
+                "model %r: thresholds back to the checkpoint's %s (state file removed)",
+                served.name,
+                list(own),
+            )
+            return True
     if mtime is None or mtime == served.state_mtime_ns:
         return False
     async with app.state.admin_locks[served.name]:
@@ -225,13 +214,22 @@ class LimitsMiddleware:
 
         declared = _content_length(scope)
         limit = self.settings.max_body_bytes
+        v2_shape = is_v2_path(scope["path"])
         if declared is not None and declared > limit:
             metrics.reject(model, "too_large")
+            # Read (and drop) what the client is still sending before answering: closing
+            # a connection with unread data makes the kernel reset it, and the client
+            # would see a transport error instead of the 413. Not when the client waits
+            # for "100 Continue" (reading would ask it to send), nor for a body so large
+            # that it would be cut off anyway.
+            if not _expects_continue(scope) and declared <= 2 * limit:
+                await _drain(receive, max_bytes=2 * limit, max_s=_DRAIN_S)
             await _send_error(
                 send_wrapper,
                 413,
                 "payload_too_large",
                 f"request body of {declared} bytes exceeds the limit of {limit}",
+                v2=v2_shape,
             )
             self._count(metrics, endpoint, model, status[0])
             return
@@ -243,6 +241,7 @@ class LimitsMiddleware:
                 "queue_full",
                 "too many requests in progress; retry later",
                 headers=[(b"retry-after", b"1")],
+                v2=v2_shape,
             )
             self._count(metrics, endpoint, model, status[0])
             return
@@ -271,6 +270,9 @@ class LimitsMiddleware:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
+                    if message.get("more_body", False):
+                        body_done = True  # drained here: later reads see the end
+                        await _drain(receive, max_bytes=limit, max_s=_DRAIN_S)
                     # An HTTPException (413), not a domain error: FastAPI passes those
                     # through its body parsing unchanged, so JSON routes answer 413 too.
                     raise StarletteHTTPException(
@@ -300,6 +302,36 @@ class LimitsMiddleware:
             metrics.requests.labels(model, endpoint, str(status)).inc()
 
 
+# How long an over-limit body is read and dropped before the 413 (see ``_drain``).
+_DRAIN_S = 2.0
+
+
+async def _drain(receive: Receive, *, max_bytes: int, max_s: float) -> None:
+    """Read and discard the rest of a request body: at most ``max_bytes``, for at most
+    ``max_s`` seconds (a client sending more, or slower, is then cut off)."""
+    deadline = time.monotonic() + max_s
+    seen = 0
+    while seen <= max_bytes:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return
+        try:
+            message = await asyncio.wait_for(receive(), timeout=remaining)
+        except TimeoutError:
+            return
+        if message["type"] != "http.request":
+            return
+        seen += len(message.get("body", b""))
+        if not message.get("more_body", False):
+            return
+
+
+def _expects_continue(scope: Scope) -> bool:
+    return any(
+        key == b"expect" and value.lower() == b"100-continue" for key, value in scope["headers"]
+    )
+
+
 def _content_length(scope: Scope) -> int | None:
     for key, value in scope["headers"]:
         if key == b"content-length":
@@ -317,8 +349,9 @@ async def _send_error(
     message: str,
     *,
     headers: list[tuple[bytes, bytes]] | None = None,
+    v2: bool = False,
 ) -> None:
-    body = json.dumps(error_body(status, code, message)).encode()
+    body = json.dumps(error_body(status, code, message, v2=v2)).encode()
     await send(
         {
             "type": "http.response.start",

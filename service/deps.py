@@ -36,6 +36,9 @@ def get_model(request: Request, name: Annotated[str, MODEL_NAME]) -> ServedModel
     model = served.get(name)
     if model is not None:
         return model
+    failed: dict[str, str] = getattr(request.app.state, "failed", {})
+    if name in failed:
+        raise NotReady(f"model {name!r} failed to load and is not served: {failed[name]}")
     if name in request.app.state.expected_models:
         raise NotReady(f"model {name!r} is still loading")
     known = ", ".join(sorted(served)) or "none loaded yet"

@@ -1,8 +1,16 @@
-"""Domain errors and the one JSON error shape every error response has.
+"""Domain errors and the JSON error shapes every error response has.
 
 Body: ``{"error": {"status": 503, "code": "queue_full", "message": "...", "id": "..."}}``;
 ``id`` is present on 5xx answers and is logged with the failure, so an operator can find
 the log line a client reports.
+
+Under ``/v2`` the body follows the Open Inference Protocol instead, whose clients (the
+official ``tritonclient`` among them) read ``error`` as a string:
+``{"error": "...", "code": "queue_full", "status": 503, "id": "..."}``.
+
+A client that goes away before its request is read (a cut-off or malformed body, a
+disconnect mid-upload) is not a server error: it is answered (to nobody) and counted with
+status 499, the de-facto code for "client closed request", and logged without a traceback.
 """
 
 from __future__ import annotations
@@ -16,6 +24,8 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
+from starlette.responses import Response
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +42,12 @@ REJECT_REASONS = {
     "deadline_exceeded": "deadline_exceeded",
     "request_timeout": "deadline_exceeded",
     "shutting_down": "shutting_down",
+    "non_finite_output": "bad_input",
+    "client_disconnect": "client_disconnect",
 }
+
+# Status of a request whose client went away before it was answered (nginx's 499).
+CLIENT_CLOSED_REQUEST = 499
 
 
 class ServiceError(Exception):
@@ -56,6 +71,13 @@ class BadRequest(ServiceError):
 
 class BadImage(ServiceError):
     status, code = 400, "bad_image"
+
+
+class NonFiniteOutput(BadRequest):
+    """The network's output for an input is not finite (NaN/inf logits): the input's
+    values are too large for float32 arithmetic. A 4xx: JSON cannot carry the answer."""
+
+    code = "non_finite_output"
 
 
 class Unauthorized(ServiceError):
@@ -145,14 +167,36 @@ def new_error_id() -> str:
     return uuid.uuid4().hex[:16]
 
 
+def is_v2_path(path: str) -> bool:
+    """Whether ``path`` is an Open Inference Protocol route (its own error shape)."""
+    return path == "/v2" or path.startswith("/v2/")
+
+
 def error_body(
-    status: int, code: str, message: str, error_id: str | None = None, **extra: Any
+    status: int,
+    code: str,
+    message: str,
+    error_id: str | None = None,
+    *,
+    v2: bool = False,
+    **extra: Any,
 ) -> dict[str, Any]:
-    """The error shape shared by every route, middleware and handler."""
+    """The error shape shared by every route, middleware and handler.
+
+    Args:
+        status: the HTTP status.
+        code: the stable machine-readable code.
+        message: the human sentence.
+        error_id: the id logged with a 5xx (a new one when not given).
+        v2: the Open Inference Protocol shape (``error`` is the message string).
+        extra: more fields (e.g. ``details`` of a validation error).
+    """
     error: dict[str, Any] = {"status": status, "code": code, "message": message}
     if status >= 500:
         error["id"] = error_id or new_error_id()
     error.update(extra)
+    if v2:
+        return {"error": message, **{k: v for k, v in error.items() if k != "message"}}
     return {"error": error}
 
 
@@ -163,10 +207,13 @@ def error_response(
     *,
     headers: Mapping[str, str] | None = None,
     error_id: str | None = None,
+    v2: bool = False,
     **extra: Any,
 ) -> JSONResponse:
     return JSONResponse(
-        error_body(status, code, message, error_id, **extra), status_code=status, headers=headers
+        error_body(status, code, message, error_id, v2=v2, **extra),
+        status_code=status,
+        headers=headers,
     )
 
 
@@ -209,7 +256,12 @@ def install_error_handlers(app: FastAPI) -> None:
             )
         _count_rejection(request, exc.code)
         return error_response(
-            exc.status, exc.code, exc.message, headers=exc.headers, error_id=error_id
+            exc.status,
+            exc.code,
+            exc.message,
+            headers=exc.headers,
+            error_id=error_id,
+            v2=is_v2_path(request.url.path),
         )
 
     @app.exception_handler(StarletteHTTPException)
@@ -221,7 +273,9 @@ def install_error_handlers(app: FastAPI) -> None:
         if exc.status_code == 404 and message == "Not Found":
             message = f"no route {request.method} {request.url.path}"
         _count_rejection(request, code)
-        return error_response(exc.status_code, code, message, headers=exc.headers)
+        return error_response(
+            exc.status_code, code, message, headers=exc.headers, v2=is_v2_path(request.url.path)
+        )
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -232,8 +286,25 @@ def install_error_handlers(app: FastAPI) -> None:
         summary = "; ".join(f"{'.'.join(d['loc'])}: {d['msg']}" for d in details[:5])
         _count_rejection(request, "validation_error")
         return error_response(
-            422, "validation_error", f"invalid request: {summary}", details=details
+            422,
+            "validation_error",
+            f"invalid request: {summary}",
+            v2=is_v2_path(request.url.path),
+            details=details,
         )
+
+    @app.exception_handler(ClientDisconnect)
+    async def _client_gone(request: Request, exc: ClientDisconnect) -> Response:
+        # The client's fault (it closed the connection, or sent a body the HTTP parser
+        # refused, which uvicorn reports as a disconnect): no traceback, not a 5xx.
+        logger.info(
+            "%s %s: the client went away before its request was read (counted as %d)",
+            request.method,
+            request.url.path,
+            CLIENT_CLOSED_REQUEST,
+        )
+        _count_rejection(request, "client_disconnect")
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
@@ -241,7 +312,13 @@ def install_error_handlers(app: FastAPI) -> None:
         logger.exception(
             "unhandled error in %s %s [id %s]", request.method, request.url.path, error_id
         )
-        return error_response(500, "internal", "internal server error", error_id=error_id)
+        return error_response(
+            500,
+            "internal",
+            "internal server error",
+            error_id=error_id,
+            v2=is_v2_path(request.url.path),
+        )
 
 
 def _count_rejection(request: Request, code: str) -> None:

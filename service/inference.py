@@ -5,14 +5,23 @@ from __future__ import annotations
 
 import asyncio
 import math
+import threading
 import time
 from collections.abc import Sequence
+from typing import Literal
 
+from PIL import Image
 from torch import Tensor
 
 from service.batcher import Classified
-from service.errors import DeadlineExceeded, NotReady, ValidationFailed
-from service.preprocess import preprocess
+from service.errors import (
+    DeadlineExceeded,
+    NonFiniteOutput,
+    NotReady,
+    PayloadTooLarge,
+    ValidationFailed,
+)
+from service.preprocess import load_pixels, open_image, to_input
 from service.repository import ServedModel
 from service.settings import Settings
 from service.state import check_thresholds
@@ -43,21 +52,103 @@ def parse_thresholds(
 
 
 def decode_many(
-    images: Sequence[tuple[str | None, bytes]], model: ServedModel, max_pixels: int
+    images: Sequence[tuple[str | None, bytes]],
+    model: ServedModel,
+    settings: Settings,
+    *,
+    deadline: float = math.inf,
+    stop: threading.Event | None = None,
 ) -> list[Tensor]:
-    """Decode and preprocess a request's images (blocking; run it in a thread)."""
+    """Decode and preprocess a request's images (blocking; run it in a thread).
+
+    Every header is read and checked first (format, pixels, JPEG scans, and the pixels of
+    all images together against ``max_request_pixels``), so nothing is decoded for a
+    request that would be refused; then the images are decoded one by one, and the work
+    stops before the next image once ``deadline`` (``time.monotonic()``) has passed or
+    ``stop`` is set.
+
+    Raises:
+        BadImage, PayloadTooLarge: from the checks.
+        DeadlineExceeded: the deadline passed (or ``stop`` was set) before the end.
+    """
     spec = model.checkpoint.input_spec
-    out = []
-    for i, (filename, data) in enumerate(images):
-        label = f"image {i}" + (f" ({filename[:64]!r})" if filename else "")
-        out.append(preprocess(data, spec, max_pixels=max_pixels, label=label))
-    return out
+    labels = [
+        f"image {i}" + (f" ({filename[:64]!r})" if filename else "")
+        for i, (filename, _) in enumerate(images)
+    ]
+    opened: list[Image.Image] = []
+    try:
+        total = 0
+        for label, (_, data) in zip(labels, images, strict=True):
+            img = open_image(
+                data,
+                max_pixels=settings.max_image_pixels,
+                max_jpeg_scans=settings.max_jpeg_scans,
+                label=label,
+            )
+            opened.append(img)
+            total += img.size[0] * img.size[1]
+        if total > settings.max_request_pixels:
+            raise PayloadTooLarge(
+                f"the request's {len(images)} images hold {total} pixels together; the "
+                f"limit per request is {settings.max_request_pixels}"
+            )
+        out = []
+        for label, img in zip(labels, opened, strict=True):
+            if time.monotonic() > deadline or (stop is not None and stop.is_set()):
+                raise DeadlineExceeded(
+                    f"decoding the images did not finish within the request timeout of "
+                    f"{settings.request_timeout_s} s"
+                )
+            out.append(to_input(load_pixels(img, label=label), spec, label=label))
+        return out
+    finally:
+        for img in opened:
+            img.close()
 
 
 async def decode(
-    images: Sequence[tuple[str | None, bytes]], model: ServedModel, settings: Settings
+    images: Sequence[tuple[str | None, bytes]],
+    model: ServedModel,
+    settings: Settings,
+    *,
+    started: float | None = None,
 ) -> list[Tensor]:
-    return await asyncio.to_thread(decode_many, images, model, settings.max_image_pixels)
+    """Decode in a worker thread, answering by the request's deadline at the latest.
+
+    Args:
+        images: (filename, bytes) of each image.
+        model: the served model (its input spec).
+        settings: limits and the request timeout.
+        started: ``time.monotonic()`` when the request arrived (default: now).
+
+    Raises:
+        DeadlineExceeded: the deadline passed while decoding; the worker thread stops
+            before its next image, so the request holds it no longer than one image.
+    """
+    deadline = (time.monotonic() if started is None else started) + settings.request_timeout_s
+    stop = threading.Event()
+    work = asyncio.ensure_future(
+        asyncio.to_thread(decode_many, images, model, settings, deadline=deadline, stop=stop)
+    )
+    try:
+        return await asyncio.wait_for(
+            asyncio.shield(work), timeout=max(0.0, deadline - time.monotonic())
+        )
+    except TimeoutError:
+        raise DeadlineExceeded(
+            f"decoding the images did not finish within the request timeout of "
+            f"{settings.request_timeout_s} s"
+        ) from None
+    finally:
+        if not work.done():
+            stop.set()  # also when the client went away: stop before the next image
+            work.add_done_callback(_retrieve)
+
+
+def _retrieve(task: asyncio.Future[list[Tensor]]) -> None:
+    if not task.cancelled():
+        task.exception()  # abandoned work: its outcome is no longer anyone's answer
 
 
 async def classify(
@@ -86,7 +177,7 @@ async def classify(
     futures = model.batcher.submit(inputs, deadline=deadline, thresholds=thresholds)
     wait = max(0.0, deadline - time.monotonic()) + COMPUTE_GRACE_S
     try:
-        return list(await asyncio.wait_for(asyncio.gather(*futures), timeout=wait))
+        answers = list(await asyncio.wait_for(asyncio.gather(*futures), timeout=wait))
     except TimeoutError:
         raise DeadlineExceeded(
             f"no answer within the request timeout of {settings.request_timeout_s} s"
@@ -97,7 +188,21 @@ async def classify(
                 f.cancel()  # the batcher skips abandoned images
             elif not f.cancelled():
                 f.exception()  # mark retrieved: one failure already answers the request
+    not_finite = [i for i, a in enumerate(answers) if not _finite(a)]
+    if not_finite:
+        shown = ", ".join(str(i) for i in not_finite[:10])
+        raise NonFiniteOutput(
+            f"the network's output for image(s) {shown} is not finite (NaN or infinite "
+            "logits): the input values are too large for float32 arithmetic"
+        )
+    return answers
 
 
-def encode_thresholds(thresholds: Sequence[float]) -> list[float | str]:
+def _finite(answer: Classified) -> bool:
+    return math.isfinite(answer.entropy) and bool(answer.probabilities.isfinite().all())
+
+
+def encode_thresholds(thresholds: Sequence[float]) -> list[float | Literal["inf"]]:
+    """JSON has no infinity: +inf is written "inf" (what the thresholds query and the
+    admin PUT read back)."""
     return [t if math.isfinite(t) else "inf" for t in thresholds]

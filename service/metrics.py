@@ -103,12 +103,23 @@ class Metrics:
             registry=r,
         )
 
+        self.load_failed = Gauge(
+            "branchy_model_load_failed",
+            "1 while a model of the repository failed to load and is not served, else 0.",
+            ["model"],
+            registry=r,
+        )
+
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""
         return generate_latest(self.registry)
 
     def reject(self, model: str, reason: str) -> None:
         self.rejected.labels(model, reason).inc()
+
+    def set_load_failed(self, model: str, failed: bool) -> None:
+        """``model`` is a checkpoint folder's name (bounded by the repository)."""
+        self.load_failed.labels(model).set(1 if failed else 0)
 
     def set_thresholds(self, model: str, thresholds: Sequence[float]) -> None:
         for i, t in enumerate(thresholds):

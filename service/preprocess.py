@@ -3,7 +3,8 @@
 Decoding runs in worker threads (never on the event loop). Untrusted bytes are checked
 in steps that each fail with a clear ``BadImage``/``PayloadTooLarge`` before the next,
 more expensive, step: format from the header, then the declared size against the pixel
-limit, and only then the pixel data.
+limit and a JPEG's scan count against the scan limit (:func:`open_image`), and only then
+the pixel data (:func:`load_pixels`).
 """
 
 from __future__ import annotations
@@ -29,21 +30,25 @@ logger = logging.getLogger(__name__)
 ALLOWED_FORMATS = frozenset({"JPEG", "PNG", "BMP", "GIF", "WEBP", "TIFF", "PPM"})
 
 
-def decode_image(data: bytes, *, max_pixels: int, label: str = "image") -> Image.Image:
-    """Decode encoded image bytes, refusing anything unsafe or malformed.
+def open_image(
+    data: bytes, *, max_pixels: int, max_jpeg_scans: int = 0, label: str = "image"
+) -> Image.Image:
+    """Read an encoded image's header and refuse what is unsafe, without decoding pixels.
 
     Args:
         data: the encoded file.
-        max_pixels: largest width × height accepted; checked from the header, before
-            any pixel is decoded, so a decompression bomb costs nothing.
-        label: how to name the image in error messages (e.g. ``"image 2 ('cat.png')"``).
+        max_pixels: largest width × height accepted.
+        max_jpeg_scans: most scans a JPEG may have (0 = no limit). Each scan of a
+            progressive JPEG is a pass over all its pixels, so a small file repeating
+            scans costs seconds to decode whatever its size.
+        label: how to name the image in error messages.
 
     Returns:
-        The fully decoded single-frame image.
+        The opened, not yet decoded, single-frame image.
 
     Raises:
-        BadImage: empty, not an image, unsupported format, animated, truncated or corrupt.
-        PayloadTooLarge: more pixels than ``max_pixels``.
+        BadImage: empty, not an image, unsupported format, animated.
+        PayloadTooLarge: more pixels than ``max_pixels``, more scans than allowed.
     """
     if not data:
         raise BadImage(f"{label} is empty")
@@ -72,6 +77,26 @@ def decode_image(data: bytes, *, max_pixels: int, label: str = "image") -> Image
     frames = int(getattr(img, "n_frames", 1))
     if frames > 1:
         raise BadImage(f"{label} is animated ({frames} frames); send a single frame")
+    if max_jpeg_scans and img.format == "JPEG":
+        # Start-of-scan markers: in entropy-coded data 0xFF is always followed by 0x00
+        # or a restart marker, so FF DA only occurs as a marker (an embedded thumbnail's
+        # scans count too, which only errs on the side of refusing).
+        scans = data.count(b"\xff\xda")
+        if scans > max_jpeg_scans:
+            raise PayloadTooLarge(
+                f"{label} is a JPEG of {scans} scans; the limit is {max_jpeg_scans} "
+                "(ordinary progressive JPEGs have about 10)"
+            )
+    return img
+
+
+def load_pixels(img: Image.Image, *, label: str = "image") -> Image.Image:
+    """Decode the pixels of an image from :func:`open_image` (the expensive step).
+
+    Raises:
+        BadImage: truncated or corrupt.
+        PayloadTooLarge: Pillow's own pixel guard fired.
+    """
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -81,6 +106,29 @@ def decode_image(data: bytes, *, max_pixels: int, label: str = "image") -> Image
     except Exception as exc:  # truncated/corrupt data fails in many ways
         raise BadImage(f"{label} is truncated or corrupt: {_why(exc)}") from None
     return img
+
+
+def decode_image(
+    data: bytes, *, max_pixels: int, max_jpeg_scans: int = 0, label: str = "image"
+) -> Image.Image:
+    """Decode encoded image bytes, refusing anything unsafe or malformed.
+
+    Args:
+        data: the encoded file.
+        max_pixels: largest width × height accepted; checked from the header, before
+            any pixel is decoded, so a decompression bomb costs nothing.
+        max_jpeg_scans: most scans of a JPEG (0 = no limit), counted before decoding.
+        label: how to name the image in error messages (e.g. ``"image 2 ('cat.png')"``).
+
+    Returns:
+        The fully decoded single-frame image.
+
+    Raises:
+        BadImage: empty, not an image, unsupported format, animated, truncated or corrupt.
+        PayloadTooLarge: more pixels than ``max_pixels``, more scans than allowed.
+    """
+    img = open_image(data, max_pixels=max_pixels, max_jpeg_scans=max_jpeg_scans, label=label)
+    return load_pixels(img, label=label)
 
 
 def to_pixels(img: Image.Image, spec: InputSpec) -> Tensor:
@@ -126,9 +174,21 @@ def _stats(spec: InputSpec) -> tuple[Tensor, Tensor]:
     return mean, std
 
 
-def preprocess(data: bytes, spec: InputSpec, *, max_pixels: int, label: str = "image") -> Tensor:
+def preprocess(
+    data: bytes,
+    spec: InputSpec,
+    *,
+    max_pixels: int,
+    max_jpeg_scans: int = 0,
+    label: str = "image",
+) -> Tensor:
     """Encoded bytes -> ``(C, H, W)`` float32 network input."""
-    img = decode_image(data, max_pixels=max_pixels, label=label)
+    img = decode_image(data, max_pixels=max_pixels, max_jpeg_scans=max_jpeg_scans, label=label)
+    return to_input(img, spec, label=label)
+
+
+def to_input(img: Image.Image, spec: InputSpec, *, label: str = "image") -> Tensor:
+    """A decoded image -> ``(C, H, W)`` float32 network input (closes ``img``)."""
     try:
         pixels = to_pixels(img, spec)
     except BadImage:

@@ -4,6 +4,7 @@ served model that couples a network, its thresholds and its batcher."""
 from __future__ import annotations
 
 import logging
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,6 +99,28 @@ def load_engine(path: Path, device: torch.device, settings: Settings) -> Engine:
     return engine
 
 
+# What may not reach a client: absolute paths (two components or more, so that route
+# paths such as "/v1" in a message survive), and memory addresses in object reprs.
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.:/])/(?:[^\s/'\"<>:,;()\[\]]+/)+[^\s/'\"<>:,;()\[\]]*")
+_ADDRESS = re.compile(r"\s*at 0x[0-9a-fA-F]+|0x[0-9a-fA-F]{6,}")
+
+
+def public_load_error(exc: BaseException, path: Path, name: str) -> str:
+    """Why a model could not be loaded, in words a client may read: the checkpoint
+    folder is named by its model name, and no other path or memory address remains.
+
+    Args:
+        exc: what ``load_engine`` raised.
+        path: the model's checkpoint folder.
+        name: the model's name.
+    """
+    text = str(exc).strip() or type(exc).__name__
+    for form in {str(path), str(path.resolve())}:
+        text = text.replace(form, name)
+    text = _ABSOLUTE_PATH.sub(lambda m: m.group().rstrip("/").rsplit("/", 1)[-1], text)
+    return _ADDRESS.sub("", text)[:500]
+
+
 @dataclass(frozen=True)
 class _Current:
     engine: Engine
@@ -166,10 +189,18 @@ class ServedModel:
         self.thresholds_updated_at = time.time()
         self.loaded_at = time.time()
 
-    def describe(self) -> dict[str, Any]:
-        """JSON-able description for ``GET /v1/models/{name}``."""
+    def describe(self, *, history: bool = False) -> dict[str, Any]:
+        """JSON-able description for ``GET /v1/models/{name}``.
+
+        Args:
+            history: keep the checkpoint's per-epoch training history in ``metrics``
+                (the admin view); a client of ``/v1`` has no use for it.
+        """
         engine, thresholds = self.snapshot()
         ckpt = engine.checkpoint
+        metrics = dict(ckpt.metrics)
+        if not history:
+            metrics.pop("history", None)
         return {
             "name": self.name,
             "architecture": ckpt.model.name,
@@ -185,5 +216,5 @@ class ServedModel:
             "half_precision": engine.half,
             "exit_macs": ckpt.model.exit_macs(),
             "has_calibration": ckpt.calibration is not None,
-            "metrics": ckpt.metrics,
+            "metrics": metrics,
         }

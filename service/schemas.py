@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-Threshold = float | str  # "inf" where JSON has no infinity
+# JSON has no infinity: a threshold of +infinity ("every sample still in flight leaves at
+# this exit") is written as the string "inf", and read back the same way.
+Threshold = Annotated[
+    float | Literal["inf"],
+    Field(description='Entropy threshold in nats; "inf" = every sample leaves at this exit.'),
+]
+# Strict: JSON true/false or "0.5" are not numbers.
+StrictFloat = Annotated[float, Field(strict=True, allow_inf_nan=False)]
 
 
 class ExitInfo(BaseModel):
@@ -55,8 +62,17 @@ class ModelSummary(BaseModel):
     ready: bool
 
 
+class FailedModel(BaseModel):
+    name: str
+    error: str = Field(description="Why it could not be loaded (full error in the log).")
+
+
 class ModelList(BaseModel):
     models: list[ModelSummary]
+    failed: list[FailedModel] = Field(
+        default_factory=list,
+        description="Models of the repository that failed to load and are not served.",
+    )
 
 
 class ModelDetail(BaseModel):
@@ -79,17 +95,25 @@ class ModelDetail(BaseModel):
     metrics: dict[str, Any]
 
 
+class AdminModelDetail(ModelDetail):
+    """The admin view of a model: ``metrics`` keeps the checkpoint's training history."""
+
+    loaded_at: float = Field(description="When this checkpoint was loaded (Unix time).")
+
+
 class ThresholdUpdate(BaseModel):
     """Exactly one of: explicit ``thresholds``; an accuracy ``tolerance`` (fraction below
     the final exit's accuracy on the calibration data); an absolute accuracy ``target``."""
 
     model_config = ConfigDict(extra="forbid")
 
-    thresholds: list[Any] | None = Field(
-        default=None, description="One finite value >= 0 per early exit."
+    thresholds: list[StrictFloat | Literal["inf"]] | None = Field(
+        default=None,
+        description='One value >= 0 per early exit, a JSON number or "inf" (as GET answers).',
+        max_length=64,
     )
-    tolerance: float | None = Field(default=None, ge=0, le=1, allow_inf_nan=False)
-    target: float | None = Field(default=None, ge=0, le=1, allow_inf_nan=False)
+    tolerance: StrictFloat | None = Field(default=None, ge=0, le=1)
+    target: StrictFloat | None = Field(default=None, ge=0, le=1)
 
     @model_validator(mode="after")
     def _exactly_one(self) -> ThresholdUpdate:

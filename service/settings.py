@@ -43,6 +43,11 @@ class Settings(BaseSettings):
         max_images_per_request: most images in one request (413 beyond).
         max_image_pixels: most pixels (width × height) of one image, checked from the
             header before any pixel is decoded (413 beyond).
+        max_request_pixels: most pixels of all a request's images together, checked
+            from their headers before any is decoded (413 beyond): bounds the decoding
+            work one request can ask for.
+        max_jpeg_scans: most scans of one JPEG, counted before decoding (413 beyond);
+            every scan of a progressive JPEG is another pass over its pixels.
         admin_token: bearer token of the admin routes; unset = admin routes off.
         state_dir: where per-model threshold changes are persisted.
         state_poll_s: how often to look for threshold files changed by another replica
@@ -82,6 +87,8 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1)
     max_images_per_request: int = Field(default=64, ge=1)
     max_image_pixels: int = Field(default=4096 * 4096, ge=1)
+    max_request_pixels: int = Field(default=2 * 4096 * 4096, ge=1)
+    max_jpeg_scans: int = Field(default=32, ge=1, le=100_000)
     admin_token: SecretStr | None = None
     state_dir: Path = Path("state")
     state_poll_s: float = Field(default=5.0, ge=0)

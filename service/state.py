@@ -44,19 +44,16 @@ def check_thresholds(values: Any, num_exits: int, *, allow_inf: bool = True) -> 
     """
     if not isinstance(values, list | tuple):
         raise ValueError(f"thresholds must be a list of numbers; got {type(values).__name__}")
-    if len(values) != num_exits - 1:
-        raise ValueError(
-            f"expected {num_exits - 1} threshold(s), one per early exit of this "
-            f"{num_exits}-exit model; got {len(values)}"
-        )
+    # Each value first, then the count: "abc" is not a number, whatever the count.
     out = []
     for i, v in enumerate(values):
         if isinstance(v, bool) or not isinstance(v, int | float | str):
             raise ValueError(f"threshold {i} must be a number; got {v!r}")
         try:
             f = float(v)
-        except ValueError:
-            raise ValueError(f"threshold {i} must be a number; got {v!r}") from None
+        except (ValueError, OverflowError):
+            shown = v[:40] if isinstance(v, str) else v
+            raise ValueError(f"threshold {i} must be a number (or inf); got {shown!r}") from None
         if math.isnan(f):
             raise ValueError(f"threshold {i} is NaN")
         if f < 0:
@@ -64,6 +61,11 @@ def check_thresholds(values: Any, num_exits: int, *, allow_inf: bool = True) -> 
         if math.isinf(f) and not allow_inf:
             raise ValueError(f"threshold {i} must be finite; got {f}")
         out.append(f)
+    if len(values) != num_exits - 1:
+        raise ValueError(
+            f"expected {num_exits - 1} threshold(s), one per early exit of this "
+            f"{num_exits}-exit model; got {len(values)}"
+        )
     return tuple(out)
 
 
@@ -91,6 +93,41 @@ def save_thresholds(state_dir: Path, model: str, thresholds: tuple[float, ...]) 
         Path(tmp).unlink(missing_ok=True)
         raise
     return target.stat().st_mtime_ns
+
+
+# A temporary younger than this may belong to another replica writing right now.
+STALE_TEMPORARY_S = 60.0
+
+
+def clean_stale_temporaries(state_dir: Path, *, older_than_s: float = STALE_TEMPORARY_S) -> int:
+    """Delete the temporaries (``.<model>.thresholds.json.*``) a writer killed between
+    creating and renaming them left behind; only those older than ``older_than_s``, so a
+    replica sharing the folder keeps the one it is writing. Returns how many went."""
+    removed = 0
+    now = time.time()
+    try:
+        candidates = list(state_dir.glob(f".*{SUFFIX}.*"))
+    except OSError:
+        return 0
+    for path in candidates:
+        try:
+            if path.is_file() and now - path.stat().st_mtime > older_than_s:
+                path.unlink()
+                removed += 1
+                logger.info("removed stale temporary state file %s", path.name)
+        except OSError as exc:  # never a reason not to start
+            logger.warning("cannot remove stale temporary state file %s: %s", path.name, exc)
+    return removed
+
+
+def delete_thresholds(state_dir: Path, model: str) -> bool:
+    """Remove a model's saved thresholds (its checkpoint's apply again); True if there
+    was a file."""
+    try:
+        state_file(state_dir, model).unlink()
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def load_thresholds(state_dir: Path, model: str, num_exits: int) -> SavedThresholds | None:

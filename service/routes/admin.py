@@ -1,25 +1,87 @@
-"""Admin API behind a bearer token: read and set thresholds, reload a checkpoint."""
+"""Admin API behind a bearer token: read, set and reset thresholds, reload a checkpoint,
+load a checkpoint folder added or repaired after start.
+
+Bodies are read as JSON whatever their declared ``Content-Type`` (``curl -d`` sends
+``application/x-www-form-urlencoded``), parsed with bounds (``service.jsonbody``) and
+validated with strict types: ``true`` is not a number, nor is ``"0.5"``. A new body kind
+is a new field of ``ThresholdUpdate`` (or a new schema read with :func:`read_body`).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
-from typing import Any
+from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Request
+from pydantic import BaseModel, ValidationError
 
 from models import choose_thresholds, evaluate_thresholds
-from service.deps import AdminDep, ModelDep, SettingsDep
-from service.errors import NoCalibration, ReloadFailed, ValidationFailed
+from service.deps import MODEL_NAME, AdminDep, ModelDep, SettingsDep
+from service.errors import (
+    BadRequest,
+    Conflict,
+    ModelNotFound,
+    NoCalibration,
+    ReloadFailed,
+    ValidationFailed,
+)
 from service.inference import encode_thresholds
-from service.repository import ServedModel, load_engine
-from service.schemas import Expected, ReloadResponse, ThresholdState, ThresholdUpdate
-from service.state import check_thresholds, load_thresholds, save_thresholds
+from service.jsonbody import JsonLimits, parse_json
+from service.loading import start_model
+from service.repository import ServedModel, discover, load_engine, public_load_error
+from service.schemas import (
+    AdminModelDetail,
+    Expected,
+    ReloadResponse,
+    ThresholdState,
+    ThresholdUpdate,
+)
+from service.settings import Settings
+from service.state import check_thresholds, delete_thresholds, load_thresholds, save_thresholds
 
 logger = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[AdminDep])
+
+# Admin bodies are small objects: a few fields, a list of one value per early exit.
+ADMIN_JSON = JsonLimits(max_depth=8, max_number_chars=40, max_values=10_000)
+_Body = TypeVar("_Body", bound=BaseModel)
+
+
+async def read_body(request: Request, schema: type[_Body]) -> _Body:
+    """The request's JSON body (any declared content type) validated as ``schema``.
+
+    Raises:
+        ValidationFailed: empty, not JSON, over the bounds of ``ADMIN_JSON``, or JSON
+            that ``schema`` does not accept (422, saying what to send).
+    """
+    raw = await request.body()
+    hint = 'send a JSON object, e.g. {"thresholds": [0.05, 1.0]} (any Content-Type)'
+    if not raw.strip():
+        raise ValidationFailed(f"the request body is empty; {hint}")
+    try:
+        data = parse_json(raw, ADMIN_JSON)
+    except BadRequest as exc:
+        raise ValidationFailed(f"{exc.message}; {hint}") from None
+    try:
+        return schema.model_validate(data)
+    except ValidationError as exc:
+        errors = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in exc.errors()[:5]
+        )
+        raise ValidationFailed(f"invalid request body: {errors}") from None
+
+
+def _body_doc(schema: type[BaseModel]) -> dict[str, Any]:
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": schema.model_json_schema()}},
+        }
+    }
+
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"description": "Missing or wrong bearer token."},
@@ -33,23 +95,33 @@ async def get_thresholds(model: ModelDep) -> ThresholdState:
     return _state(model, await asyncio.to_thread(_expected, model, model.thresholds))
 
 
+@router.get(
+    "/models/{name}",
+    summary="A model as /v1 describes it, with the checkpoint's training history",
+    responses=_ERRORS,
+)
+async def describe_model(model: ModelDep) -> AdminModelDetail:
+    return AdminModelDetail(**model.describe(history=True), loaded_at=model.loaded_at)
+
+
 @router.put(
     "/models/{name}/thresholds",
     summary="Set thresholds explicitly, or choose them for an accuracy tolerance/target",
     responses={
         **_ERRORS,
-        400: {"description": "A body that cannot be parsed (e.g. a malformed form body)."},
         409: {"description": "No calibration data in the checkpoint (tolerance/target)."},
-        422: {"description": "Invalid thresholds or unreachable target."},
+        422: {"description": "Not JSON, over the JSON bounds, invalid values, unreachable target."},
     },
+    openapi_extra=_body_doc(ThresholdUpdate),
 )
 async def put_thresholds(
-    request: Request, model: ModelDep, settings: SettingsDep, body: ThresholdUpdate
+    request: Request, model: ModelDep, settings: SettingsDep
 ) -> ThresholdState:
+    body = await read_body(request, ThresholdUpdate)
     async with request.app.state.admin_locks[model.name]:
         if body.thresholds is not None:
             try:
-                new = check_thresholds(body.thresholds, model.num_exits, allow_inf=False)
+                new = check_thresholds(body.thresholds, model.num_exits)
             except ValueError as exc:
                 raise ValidationFailed(f"invalid thresholds: {exc}") from None
             how = "explicit"
@@ -67,12 +139,97 @@ async def put_thresholds(
         return _state(model, await asyncio.to_thread(_expected, model, new))
 
 
+@router.delete(
+    "/models/{name}/thresholds",
+    summary="Go back to the checkpoint's own thresholds (forgets the saved ones)",
+    responses=_ERRORS,
+)
+async def reset_thresholds(
+    request: Request, model: ModelDep, settings: SettingsDep
+) -> ThresholdState:
+    async with request.app.state.admin_locks[model.name]:
+        await asyncio.to_thread(delete_thresholds, settings.state_dir, model.name)
+        old = model.thresholds
+        own = tuple(model.checkpoint.thresholds)
+        model.state_mtime_ns = None
+        model.set_thresholds(own, source="checkpoint")
+        request.app.state.metrics.set_thresholds(model.name, own)
+        logger.info(
+            "model %r: thresholds %s -> %s (admin: back to the checkpoint's)",
+            model.name,
+            list(old),
+            list(own),
+        )
+        return _state(model, await asyncio.to_thread(_expected, model, own))
+
+
+_LOAD_ERRORS: dict[int | str, dict[str, Any]] = {
+    **_ERRORS,
+    404: {"description": "No checkpoint folder of that name in the model repository."},
+    409: {"description": "Already served, or the checkpoint cannot be loaded."},
+}
+
+
+@router.post(
+    "/models/{name}/load",
+    summary="Load a checkpoint folder added or repaired after start",
+    responses=_LOAD_ERRORS,
+)
+async def load_model(
+    request: Request, name: Annotated[str, MODEL_NAME], settings: SettingsDep
+) -> ReloadResponse:
+    app = request.app
+    if name in app.state.models:
+        raise Conflict(f"model {name!r} is already served; POST .../reload to re-read it")
+    start = time.perf_counter()
+    path = (await asyncio.to_thread(_repository, settings)).get(name)
+    if path is None:
+        within = " among BRANCHY_MODELS" if settings.models else ""
+        raise ModelNotFound(
+            f"the model repository has no checkpoint folder named {name[:128]!r}{within}"
+        )
+    async with app.state.admin_locks.setdefault(name, asyncio.Lock()):
+        if name in app.state.models:
+            raise Conflict(f"model {name!r} is already served; POST .../reload to re-read it")
+        app.state.expected_models.add(name)
+        try:
+            model = await start_model(app, name, path, app.state.device)
+        except Exception:  # recorded by start_model: /readyz and /v1/models show it
+            raise ReloadFailed(
+                f"loading model {name!r} failed: {app.state.failed.get(name, 'see the log')}"
+            ) from None
+    logger.info("model %r loaded (admin)", name)
+    return ReloadResponse(
+        model=name,
+        architecture=model.checkpoint.model.name,
+        num_exits=model.num_exits,
+        thresholds=encode_thresholds(model.thresholds),
+        threshold_source=model.threshold_source,
+        seconds=time.perf_counter() - start,
+    )
+
+
+def _repository(settings: Settings) -> dict[str, Any]:
+    try:
+        return dict(discover(settings))
+    except ValueError:  # an empty repository, or a BRANCHY_MODELS folder gone
+        return {}
+
+
 @router.post(
     "/models/{name}/reload",
     summary="Reload the model's checkpoint from disk; on failure the old model keeps serving",
     responses={**_ERRORS, 409: {"description": "Missing or damaged checkpoint; nothing changed."}},
 )
-async def reload_model(request: Request, model: ModelDep, settings: SettingsDep) -> ReloadResponse:
+async def reload_model(
+    request: Request, name: Annotated[str, MODEL_NAME], settings: SettingsDep
+) -> ReloadResponse:
+    model: ServedModel | None = request.app.state.models.get(name)
+    if model is None:
+        if name in request.app.state.failed:  # repaired since: load it for the first time
+            return await load_model(request, name, settings)
+        known = ", ".join(sorted(request.app.state.models)) or "none loaded yet"
+        raise ModelNotFound(f"no model named {name[:128]!r}; models: {known}")
     start = time.perf_counter()
     async with request.app.state.admin_locks[model.name]:
         try:
@@ -86,8 +243,9 @@ async def reload_model(request: Request, model: ModelDep, settings: SettingsDep)
                 model.path,
                 exc,
             )
+            why = public_load_error(exc, model.path, model.name)
             raise ReloadFailed(
-                f"reload of model {model.name!r} failed; the previous version keeps serving: {exc}"
+                f"reload of model {model.name!r} failed; the previous version keeps serving: {why}"
             ) from None
         saved = await asyncio.to_thread(
             load_thresholds, settings.state_dir, model.name, engine.num_exits

@@ -19,6 +19,7 @@ from service.errors import (
 from service.schemas import (
     ClassifyResponse,
     ExitInfo,
+    FailedModel,
     ImageResult,
     ModelDetail,
     ModelList,
@@ -73,7 +74,11 @@ async def list_models(request: Request) -> ModelList:
                 ready=m.batcher is not None,
             )
             for name, m in sorted(served.items())
-        ]
+        ],
+        failed=[
+            FailedModel(name=name, error=why)
+            for name, why in sorted(getattr(request.app.state, "failed", {}).items())
+        ],
     )
 
 
@@ -117,7 +122,7 @@ async def classify_images(
     own = inference.parse_thresholds(thresholds, model, settings)
     images = await _read_images(request, settings)
     t0 = time.perf_counter()
-    inputs = await inference.decode(images, model, settings)
+    inputs = await inference.decode(images, model, settings, started=started)
     decode_s = time.perf_counter() - t0
     answers = await inference.classify(model, inputs, settings, started=started, thresholds=own)
 
@@ -173,7 +178,7 @@ async def _read_images(request: Request, settings: Settings) -> list[tuple[str |
                 max_files=limit + 1, max_fields=limit + 16, max_part_size=settings.max_body_bytes
             )
         except StarletteHTTPException as exc:
-            if exc.status_code == 413:
+            if exc.status_code != 400:  # 413 too large, 408 stalled upload: as they are
                 raise
             if "too many files" in str(exc.detail).lower():
                 raise TooManyImages(f"more than {limit} images in one request") from None

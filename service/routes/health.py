@@ -7,26 +7,33 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from service.deps import MetricsDep
 from service.errors import NotReady
+from service.loading import not_ready_reason
 
 router = APIRouter(tags=["health"])
 
 
+# HEAD too (load balancers and probes use it; the server sends no body for HEAD), kept
+# out of the OpenAPI document, where it would repeat the GET operation.
+@router.head("/healthz", include_in_schema=False)
 @router.get("/healthz", summary="Liveness: 200 as soon as the process serves")
 async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
+@router.head("/readyz", include_in_schema=False)
 @router.get(
     "/readyz",
     summary="Readiness: 200 once every model is loaded and warmed up, else 503",
-    responses={503: {"description": "Still loading (or shutting down)."}},
+    responses={503: {"description": "Still loading, a model failed to load, or shutting down."}},
 )
 async def readyz(request: Request) -> dict[str, object]:
-    if not request.app.state.ready:
-        raise NotReady("models are still loading")
+    reason = not_ready_reason(request.app)
+    if reason is not None:
+        raise NotReady(reason)
     return {"status": "ready", "models": sorted(request.app.state.models)}
 
 
+@router.head("/metrics", include_in_schema=False)
 @router.get(
     "/metrics",
     summary="Prometheus metrics (text exposition format)",

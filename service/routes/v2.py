@@ -35,6 +35,8 @@ from service import __version__, inference
 from service.batcher import Classified
 from service.deps import ModelDep, SettingsDep
 from service.errors import BadRequest, NotReady, TooManyImages, ValidationFailed
+from service.jsonbody import JsonLimits, parse_json
+from service.loading import not_ready_reason
 from service.preprocess import normalise
 from service.repository import ServedModel
 from service.settings import Settings
@@ -48,7 +50,7 @@ _VERSION = Annotated[str, Path(max_length=32, description="Model version (only '
 
 
 class _Tensor(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
 
     name: str = Field(max_length=256)
     shape: list[Annotated[int, Field(ge=0)]] = Field(max_length=8)
@@ -58,14 +60,14 @@ class _Tensor(BaseModel):
 
 
 class _Output(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
 
     name: str = Field(max_length=256)
     parameters: dict[str, Any] | None = None
 
 
 class _InferRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
 
     id: str | None = Field(default=None, max_length=256)
     inputs: list[_Tensor] = Field(min_length=1, max_length=16)
@@ -89,8 +91,9 @@ async def live() -> dict[str, bool]:
     responses={503: {"description": "Not ready."}},
 )
 async def ready(request: Request) -> dict[str, bool]:
-    if not request.app.state.ready:
-        raise NotReady("models are still loading")
+    reason = not_ready_reason(request.app)
+    if reason is not None:
+        raise NotReady(reason)
     return {"ready": True}
 
 
@@ -212,8 +215,16 @@ def _check_version(version: str) -> None:
 async def _infer(request: Request, model: ModelDep, settings: Settings) -> Response:
     started = time.monotonic()
     body = await request.body()
+    # Enough values for the largest tensor this model can take, and some for the rest.
+    limits = JsonLimits(
+        max_depth=16,
+        max_values=settings.max_images_per_request * math.prod(model.checkpoint.input_spec.shape)
+        + 4096,
+    )
     # JSON of up to the body limit and tensor conversion are CPU work: off the event loop.
-    req, binary = await asyncio.to_thread(_parse_body, body, request.headers.get(HEADER_LENGTH))
+    req, binary = await asyncio.to_thread(
+        _parse_body, body, request.headers.get(HEADER_LENGTH), limits
+    )
     if len(req.inputs) != 1:
         raise BadRequest(f"expected exactly one input tensor; got {len(req.inputs)}")
     params = req.parameters or {}
@@ -225,12 +236,14 @@ async def _infer(request: Request, model: ModelDep, settings: Settings) -> Respo
     except ValidationFailed as exc:  # v2 answers every protocol error with 400
         raise BadRequest(exc.message) from None
     wanted = _requested_outputs(req, params)
-    inputs = await _inputs(req.inputs[0], binary, model, settings)
+    inputs = await _inputs(req.inputs[0], binary, model, settings, started)
     answers = await inference.classify(model, inputs, settings, started=started, thresholds=own)
     return _respond(req, model, answers, wanted)
 
 
-def _parse_body(body: bytes, header_length: str | None) -> tuple[_InferRequest, bytes]:
+def _parse_body(
+    body: bytes, header_length: str | None, limits: JsonLimits
+) -> tuple[_InferRequest, bytes]:
     if header_length is not None:
         try:
             n = int(header_length)
@@ -241,10 +254,7 @@ def _parse_body(body: bytes, header_length: str | None) -> tuple[_InferRequest, 
         head, binary = body[:n], body[n:]
     else:
         head, binary = body, b""
-    try:
-        raw = json.loads(head)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BadRequest(f"the inference request is not valid JSON: {exc}") from None
+    raw = parse_json(head, limits, what="the inference request")
     try:
         return _InferRequest.model_validate(raw), binary
     except ValidationError as exc:
@@ -256,19 +266,26 @@ def _parse_body(body: bytes, header_length: str | None) -> tuple[_InferRequest, 
 
 def _requested_outputs(req: _InferRequest, params: dict[str, Any]) -> dict[str, bool]:
     """Output name -> binary? (all outputs when none are named)."""
-    default_binary = bool(params.get("binary_data_output", False))
+    default_binary = _flag(params, "binary_data_output", False)
     if not req.outputs:
         return dict.fromkeys(OUTPUTS, default_binary)
     wanted = {}
     for out in req.outputs:
         if out.name not in OUTPUTS:
             raise BadRequest(f"unknown output {out.name[:64]!r}; outputs: {', '.join(OUTPUTS)}")
-        wanted[out.name] = bool((out.parameters or {}).get("binary_data", default_binary))
+        wanted[out.name] = _flag(out.parameters or {}, "binary_data", default_binary)
     return wanted
 
 
+def _flag(params: dict[str, Any], name: str, default: bool) -> bool:
+    value = params.get(name, default)
+    if not isinstance(value, bool):
+        raise BadRequest(f"parameter {name!r} must be true or false; got {str(value)[:40]!r}")
+    return value
+
+
 async def _inputs(
-    tensor: _Tensor, binary: bytes, model: ServedModel, settings: Settings
+    tensor: _Tensor, binary: bytes, model: ServedModel, settings: Settings, started: float
 ) -> list[torch.Tensor]:
     raw = _tensor_bytes(tensor, binary)
     dtype = tensor.datatype.upper()
@@ -280,7 +297,7 @@ async def _inputs(
         count = shape[0]
         _check_count(count, settings)
         images = _bytes_elements(tensor, raw, count)
-        return await inference.decode([(None, b) for b in images], model, settings)
+        return await inference.decode([(None, b) for b in images], model, settings, started=started)
     if dtype not in ("UINT8", "FP32"):
         raise BadRequest(
             f"input datatype must be UINT8, FP32 or BYTES; got {tensor.datatype[:16]!r}"
@@ -342,9 +359,13 @@ def _numeric(tensor: _Tensor, raw: bytes | None, dtype: str, n: int) -> np.ndarr
         if len(raw) != n * itemsize:
             raise BadRequest(f"binary data holds {len(raw)} bytes; shape needs {n * itemsize}")
         return np.frombuffer(raw, dtype=np.dtype(np_dtype).newbyteorder("<")).astype(np_dtype)
+    flat = _flat(tensor.data) if isinstance(tensor.data, list) else [tensor.data]
+    # Strict: JSON true/false are not numbers (numpy would take them as 1 and 0).
+    if not all(type(v) is int or type(v) is float for v in flat):
+        raise BadRequest(f"data of input {tensor.name[:64]!r} is not a list of numbers")
     try:
-        values = np.asarray(tensor.data, dtype=np.float64).reshape(-1)
-    except (ValueError, TypeError):
+        values = np.asarray(flat, dtype=np.float64)
+    except (ValueError, TypeError, OverflowError):
         raise BadRequest(f"data of input {tensor.name[:64]!r} is not a list of numbers") from None
     if values.size != n:
         raise BadRequest(f"data holds {values.size} values; shape {tensor.shape} needs {n}")
@@ -416,7 +437,8 @@ def _respond(
     resp: dict[str, Any] = {"model_name": model.name, "model_version": "1", "outputs": outputs}
     if req.id is not None:
         resp["id"] = req.id
-    head = json.dumps(resp).encode()
+    # allow_nan=False: an answer is always valid JSON (non-finite outputs were refused).
+    head = json.dumps(resp, allow_nan=False).encode()
     assert b == arrays["CLASS"].shape[0]
     if not blobs:
         return Response(head, media_type="application/json")

@@ -337,21 +337,46 @@ def metric_by(samples: Samples, name: str, key: str, **labels: str) -> dict[str,
 
 
 def error_of(resp: httpx.Response) -> dict[str, Any]:
-    """The ``error`` object of a contract error body (fails clearly if the shape is wrong)."""
+    """The error of a contract error body as ``{"status", "code", "message"[, "id"]}``
+    (fails clearly if the shape is wrong). Under ``/v2`` the body is the Open Inference
+    Protocol's, ``{"error": "<message>", "code": ..., "status": ...}``."""
     ctype = resp.headers.get("content-type", "")
     assert ctype.startswith("application/json"), (
         f"{resp.status_code} answer is {ctype!r}, not JSON: {resp.text[:200]!r}"
     )
     body = resp.json()
-    assert isinstance(body, dict) and set(body) == {"error"}, f"not the error shape: {body}"
-    err = body["error"]
-    assert isinstance(err, dict), err
-    assert err.get("status") == resp.status_code, err
-    assert isinstance(err.get("code"), str) and err["code"], err
-    assert isinstance(err.get("message"), str) and err["message"], err
-    if resp.status_code >= 500:
-        assert isinstance(err.get("id"), str) and err["id"], f"5xx without an error id: {err}"
-    return err
+    problem = error_shape_problem(body, resp.status_code, v2=is_v2(resp.request.url.path))
+    assert problem is None, problem
+    if isinstance(body["error"], str):
+        return {"message": body["error"], **{k: v for k, v in body.items() if k != "error"}}
+    return dict(body["error"])
+
+
+def is_v2(path: str) -> bool:
+    return path == "/v2" or path.startswith("/v2/")
+
+
+def error_shape_problem(body: Any, status: int, *, v2: bool) -> str | None:
+    """What is wrong with an error ``body`` of ``status`` (None when it is the contract's
+    shape: the v2 one under ``/v2``, the ``{"error": {...}}`` one elsewhere)."""
+    if not isinstance(body, dict) or "error" not in body:
+        return f"not an error body: {str(body)[:200]}"
+    if v2:
+        err = {k: v for k, v in body.items() if k != "error"}
+        err["message"] = body["error"]
+    else:
+        if set(body) != {"error"} or not isinstance(body["error"], dict):
+            return f"not the error shape: {str(body)[:200]}"
+        err = body["error"]
+    if err.get("status") != status:
+        return f"status {err.get('status')!r} in the body of a {status} answer"
+    if not (isinstance(err.get("code"), str) and err["code"]):
+        return f"no code: {str(body)[:200]}"
+    if not (isinstance(err.get("message"), str) and err["message"]):
+        return f"no message string: {str(body)[:200]}"
+    if status >= 500 and not (isinstance(err.get("id"), str) and err["id"]):
+        return f"5xx without an error id: {str(body)[:200]}"
+    return None
 
 
 def assert_error(
@@ -391,9 +416,12 @@ class FuzzReport:
     conformance: dict[str, int]
 
 
-def check_answer(status: int, headers: Mapping[str, Any], body: bytes) -> str | None:
+def check_answer(
+    status: int, headers: Mapping[str, Any], body: bytes, path: str = ""
+) -> str | None:
     """The promise every answer keeps, whatever was sent: no 5xx, and every error in the
-    contract's JSON shape. Returns what is wrong, or None."""
+    contract's JSON shape (the v2 one when ``path`` is under ``/v2``). Returns what is
+    wrong, or None."""
     if status >= 500:
         return f"server error {status}: {body[:200]!r}"
     if status >= 400:
@@ -402,13 +430,15 @@ def check_answer(status: int, headers: Mapping[str, Any], body: bytes) -> str | 
             ctype = ctype[0] if ctype else ""
         if not ctype.startswith("application/json"):
             return f"{status} answer is not JSON: {body[:200]!r}"
-        try:
-            import json
+        import json
 
-            err = json.loads(body)["error"]
-            assert err["status"] == status and err["code"] and err["message"]
-        except (ValueError, KeyError, TypeError, AssertionError):
-            return f"{status} answer is not the contract's error shape: {body[:200]!r}"
+        try:
+            parsed = json.loads(body)
+        except ValueError:
+            return f"{status} answer is not JSON: {body[:200]!r}"
+        problem = error_shape_problem(parsed, status, v2=is_v2(path))
+        if problem:
+            return f"{status} answer is not the contract's error shape: {problem}"
     return None
 
 
@@ -531,7 +561,8 @@ class _Fuzzer:
             return
         code = str(resp.status_code)
         report.statuses[code] = report.statuses.get(code, 0) + 1
-        problem = check_answer(resp.status_code, resp.headers, resp.content)
+        path = getattr(getattr(resp, "request", None), "path_url", "") or ""
+        problem = check_answer(resp.status_code, resp.headers, resp.content, path.split("?")[0])
         if problem:
             self._fail(label, case, report, problem)
         try:

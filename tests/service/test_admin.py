@@ -83,7 +83,6 @@ def test_explicit_thresholds_apply_persist_and_show_in_metrics(
         {"thresholds": [1.0, 2.0, 3.0]},
         {"thresholds": [-0.1, 1.0]},  # negative
         {"thresholds": ["nan", 1.0]},  # NaN
-        {"thresholds": ["inf", 1.0]},  # not finite
         {"thresholds": ["abc", 1.0]},  # not a number
         {"thresholds": [True, 1.0]},
         {"thresholds": "0.1,0.2"},

@@ -21,7 +21,7 @@ from models import build_model, load_checkpoint
 from service.batcher import Batcher, Classified, Engine, split_on_oom
 from service.errors import ModelChanged
 from service.metrics import Metrics
-from tests.service.conftest import CIFAR, MNIST, encode, offline_input, random_pixels
+from tests.service.conftest import CIFAR, MNIST, TOKEN, encode, offline_input, random_pixels
 
 PNG = {"content-type": "image/png"}
 
@@ -247,15 +247,24 @@ def test_request_limits(make_client: Callable[..., TestClient]) -> None:
 
     resp = client.post("/v1/models/b-lenet/classify", content=chunks(), headers=PNG)
     assert resp.status_code == 413 and resp.json()["error"]["code"] == "payload_too_large"
+    # The admin routes check the token before reading a body (403 here: admin is off),
+    # and apply the same limit to the body once they read it.
     resp = client.put("/admin/models/b-lenet/thresholds", content=chunks(),
                       headers={"content-type": "application/json"})  # fmt: skip
+    assert resp.status_code == 403
+    admin = make_client(max_body_bytes=20_000, admin_token=TOKEN)
+    resp = admin.put("/admin/models/b-lenet/thresholds", content=chunks(),
+                     headers={"content-type": "application/json",
+                              "authorization": f"Bearer {TOKEN}"})  # fmt: skip
     assert resp.status_code == 413
     big = encode(random_pixels(CIFAR, 1)[0].repeat(2, 0))  # 64x32 > 32*32 pixels
     resp = client.post("/v1/models/b-lenet/classify", content=big, headers=PNG)
     assert resp.status_code == 413 and "pixels" in resp.json()["error"]["message"]
     assert client.post("/v1/models/b-lenet/classify", content=small, headers=PNG).status_code == 200
     s = _samples(client)
-    assert _total(s, "branchy_rejected_total", reason="too_large") == 5
+    assert _total(s, "branchy_rejected_total", reason="too_large") == 4
+    too_large = _total(_samples(admin), "branchy_rejected_total", reason="too_large")
+    assert too_large == 1
 
 
 def _png_declaring(width: int, height: int) -> bytes:

@@ -257,7 +257,8 @@ def test_openapi_describes_every_route(app_client: TestClient) -> None:
         ("get", f"{v2}/versions/{{version}}"), ("get", f"{v2}/versions/{{version}}/ready"),
         ("post", f"{v2}/versions/{{version}}/infer"),
         ("get", "/admin/models/{name}/thresholds"), ("put", "/admin/models/{name}/thresholds"),
-        ("post", "/admin/models/{name}/reload"),
+        ("delete", "/admin/models/{name}/thresholds"), ("get", "/admin/models/{name}"),
+        ("post", "/admin/models/{name}/reload"), ("post", "/admin/models/{name}/load"),
     }  # fmt: skip
     documented = {(m, p) for p, ops in doc["paths"].items() for m in ops}
     assert documented == contract

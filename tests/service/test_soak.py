@@ -59,3 +59,29 @@ def test_short_soak(tmp_path: Path) -> None:
 def test_full_soak(tmp_path: Path) -> None:
     report = run_soak(tmp_path, duration=60, timeout=300)
     assert report["threshold_changes"] >= 59
+
+
+def test_a_soak_that_cannot_run_still_writes_its_report(tmp_path: Path) -> None:
+    """The failure path writes the report too (it once crashed on a frozenset while
+    writing the examples of a failed run, and the report was lost)."""
+    empty = tmp_path / "no-models"
+    empty.mkdir()
+    out = tmp_path / "soak.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "soak.py"), "--duration", "1",
+         "--model-repository", str(empty), "--out", str(out)],
+        capture_output=True, text=True, timeout=120, cwd=ROOT,
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["passed"] is False and report["checks"] == {"run_completed": False}
+    assert report["error"]
+
+
+def test_the_report_holds_records_with_sets() -> None:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import soak
+
+    record = soak.Record("invalid", 0.0, status=-1, expect_codes=frozenset({"b", "a"}))
+    text = json.dumps(soak._jsonable(soak.dataclasses.asdict(record)))
+    assert json.loads(text)["expect_codes"] == ["a", "b"]
