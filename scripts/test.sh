@@ -13,6 +13,6 @@ if ! command -v promtool >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt
 fi
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
-.venv/bin/mypy models service
+.venv/bin/mypy models service branchy_client
 if [ "$#" -eq 0 ]; then set -- -m "not slow"; fi
 .venv/bin/python -m pytest "$@"
