@@ -20,7 +20,7 @@ from service.batcher import Batcher
 from service.errors import error_body, install_error_handlers
 from service.metrics import UNKNOWN_MODEL, Metrics
 from service.repository import ServedModel, discover, load_engine, resolve_device
-from service.routes import admin, classify, health, v2
+from service.routes import admin, classify, console, docs, health, v2
 from service.settings import Settings
 from service.state import file_mtime_ns, load_thresholds
 
@@ -45,6 +45,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version=__version__,
         summary="Early-exit (BranchyNet) image classification with dynamic batching.",
         lifespan=_lifespan,
+        docs_url=None,  # /docs: routes/docs.py, with local assets (no CDN); no /redoc
+        redoc_url=None,
     )
     app.state.settings = settings
     # Created here, not in the lifespan, so /metrics and /healthz answer while loading.
@@ -58,6 +60,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(classify.router)
     app.include_router(v2.router)
     app.include_router(admin.router)
+    app.include_router(console.router)
+    docs.install(app)
     app.add_middleware(LimitsMiddleware, settings=settings, app_ref=app)
     return app
 
