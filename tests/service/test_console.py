@@ -170,6 +170,19 @@ def _wait_for(session: Any, xpath: str, timeout: float = 30) -> Any:
     )
 
 
+def _clickable_other_point(dots: list[Any], current: list[Any]) -> tuple[Any, list[float]]:
+    """A frontier dot with other thresholds than ``current`` that no later-drawn dot
+    covers (a real click must reach it)."""
+    xy = [(float(d.get_attribute("cx")), float(d.get_attribute("cy"))) for d in dots]
+    for i in range(len(dots) // 2, len(dots)):
+        thresholds = json.loads(dots[i].get_attribute("data-thresholds"))
+        if thresholds == pytest.approx([float(t) for t in current]):
+            continue
+        if all(math.dist(xy[i], xy[j]) > 10 for j in range(i + 1, len(dots))):
+            return dots[i], thresholds
+    raise AssertionError("no frontier point to click")
+
+
 def test_console_in_a_headless_browser(
     server: ServerProcess,
     browser: Any,  # noqa: F811
@@ -214,12 +227,12 @@ def test_console_in_a_headless_browser(
     dots = browser.find_elements(By.CSS_SELECTOR, "#frontier circle.point")
     assert len(dots) >= 2
     screenshot(browser, "console")
-    target = dots[-1]  # drawn last: on top of any neighbour it overlaps
-    wanted = json.loads(target.get_attribute("data-thresholds"))
+    target, wanted = _clickable_other_point(dots, info["thresholds"])
     target.click()
     WebDriverWait(browser, 20).until(
         lambda _: httpx.get(f"{base}/v1/models/b-lenet").json()["threshold_source"] == "admin"
     )
+    assert wanted != pytest.approx([float(t) for t in info["thresholds"]])
     after = httpx.get(f"{base}/v1/models/b-lenet").json()
     assert after["thresholds"] == pytest.approx(wanted)
     _wait_for(browser, "//p[@id='admin-msg'][contains(., 'thresholds set to')]")
