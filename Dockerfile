@@ -26,6 +26,7 @@ COPY pyproject.toml README.md /tmp/src/
 COPY models/ /tmp/src/models/
 COPY training/ /tmp/src/training/
 COPY service/ /tmp/src/service/
+COPY branchy_client/ /tmp/src/branchy_client/
 RUN python -c "import torch, torchvision; print(f'torch=={torch.__version__}'); print(f'torchvision=={torchvision.__version__}')" > /tmp/torch-constraints.txt \
     && pip install --constraint /tmp/torch-constraints.txt /tmp/src \
     && rm -rf /tmp/src /tmp/torch-constraints.txt

@@ -11,8 +11,16 @@ if ! command -v promtool >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt
         apt-get install -y -qq --no-install-recommends prometheus >/dev/null) \
         || echo "note: could not install promtool; its checks will be skipped" >&2
 fi
+# Debian's chromium and its driver run the web console and /docs in a real headless
+# browser (tests/service/test_console.py, test_docs.py); those tests skip without them.
+if ! command -v chromedriver >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "installing chromium and chromium-driver for the browser tests" >&2
+    (timeout 300 apt-get update -qq && DEBIAN_FRONTEND=noninteractive timeout 600 \
+        apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null) \
+        || echo "note: could not install chromium; the browser tests will be skipped" >&2
+fi
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
-.venv/bin/mypy models service
+.venv/bin/mypy models service branchy_client
 if [ "$#" -eq 0 ]; then set -- -m "not slow"; fi
 .venv/bin/python -m pytest "$@"

@@ -20,7 +20,7 @@ from service.errors import error_body, install_error_handlers, is_v2_path
 from service.loading import start_model
 from service.metrics import UNKNOWN_MODEL, Metrics
 from service.repository import ServedModel, discover, load_engine, resolve_device
-from service.routes import admin, classify, health, v2
+from service.routes import admin, classify, console, docs, health, v2
 from service.settings import Settings
 from service.state import clean_stale_temporaries, file_mtime_ns, load_thresholds
 
@@ -48,6 +48,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # No slash redirects: Starlette builds them from the client's Host header, so
         # any client could make the server answer with a redirect to a host it names.
         redirect_slashes=False,
+        docs_url=None,  # /docs: routes/docs.py, with local assets (no CDN); no /redoc
+        redoc_url=None,
     )
     app.state.settings = settings
     # Created here, not in the lifespan, so /metrics and /healthz answer while loading.
@@ -62,6 +64,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(classify.router)
     app.include_router(v2.router)
     app.include_router(admin.router)
+    app.include_router(console.router)
+    docs.install(app)
     app.add_middleware(LimitsMiddleware, settings=settings, app_ref=app)
     return app
 

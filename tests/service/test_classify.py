@@ -225,13 +225,11 @@ CIFAR_TEST = ROOT.parent / "shared" / "data" / "cifar10" / "test"
 @pytest.mark.skipif(not CIFAR_TEST.is_dir(), reason="CIFAR-10 test images not available")
 def test_cifar_test_jpegs_get_the_offline_answer(app_client: TestClient, model_repo: Path) -> None:
     """The test set's own JPEG files: decoded by the server as the training code decodes
-    them for offline evaluation (torchvision), so the answers are the same."""
-    from torchvision.io import ImageReadMode, decode_jpeg, read_file
+    them for offline evaluation, so the answers are the same."""
+    from training.data import decode_files
 
     files = sorted(CIFAR_TEST.glob("*/*.jpg"))[::1000]  # one per class
-    pixels = torch.stack(
-        [decode_jpeg(read_file(str(f)), mode=ImageReadMode.RGB) for f in files]
-    )  # (B, 3, 32, 32) uint8, as training/data.py decodes them
+    pixels = decode_files(files)  # (B, 3, 32, 32) uint8, as offline evaluation has them
     ckpt = load_checkpoint(model_repo / "b-alexnet")
     offline = ckpt.model.early_exit(normalise(pixels, CIFAR), [float("inf"), 0.0])
     resp = app_client.post(

@@ -9,8 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from torchvision.io import encode_jpeg, encode_png
+from PIL import Image
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
@@ -54,9 +53,12 @@ def write_image_folder(root: Path, *, n_train: int, n_test: int, fmt: str = "png
             folder = root / part / CLASSES[k]
             folder.mkdir(parents=True, exist_ok=True)
             kind = fmt if fmt != "mixed" else ("png" if i % 2 else "jpg")
-            t = torch.from_numpy(img)
-            data = encode_png(t) if kind == "png" else encode_jpeg(t, quality=90)
-            (folder / f"{i:04d}.{kind}").write_bytes(bytes(data.numpy()))
+            path = folder / f"{i:04d}.{kind}"
+            pil = Image.fromarray(np.ascontiguousarray(img.transpose(1, 2, 0)))  # (H, W, C)
+            if kind == "png":
+                pil.save(path, format="PNG")
+            else:
+                pil.save(path, format="JPEG", quality=90)
 
 
 def write_cifar_pickles(root: Path, *, per_batch: int, n_test: int) -> None:

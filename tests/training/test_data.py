@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from tests.training.conftest import make_images, write_cifar_pickles, write_idx, write_mnist
 from training import data
@@ -144,3 +146,56 @@ def test_batches_cover_split_once_per_epoch_across_ranks(mnist_dir: Path) -> Non
             seen.append(labels)
     assert sum(len(s) for s in seen) == len(train)
     assert torch.equal(torch.cat(seen).sort().values, train.labels.sort().values)
+
+
+CIFAR_JPEGS = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "cifar10"
+
+
+def _torchvision_decode(files: list[Path]) -> torch.Tensor:
+    """The decoder the zoo's data were decoded with before (deprecated in 0.29)."""
+    io = pytest.importorskip("torchvision.io")
+    if not hasattr(io, "decode_jpeg"):
+        pytest.skip("this torchvision has no image decoding any more")
+    with warnings.catch_warnings():  # its deprecation notice, here only
+        warnings.simplefilter("ignore", DeprecationWarning)
+        encoded = [io.read_file(str(f)) for f in files]
+        return torch.stack(io.decode_jpeg(encoded, mode=io.ImageReadMode.RGB))
+
+
+def _cifar_sample(split: str, step: int) -> list[Path]:
+    folder = CIFAR_JPEGS / split
+    if not folder.is_dir():
+        pytest.skip("the shared CIFAR-10 JPEGs are not here")
+    return data.list_image_folder(folder)[0][::step]
+
+
+def test_decoded_pixels_equal_torchvisions_on_cifar_jpegs() -> None:
+    files = _cifar_sample("test", 50)  # 200 files, 20 per class
+    assert torch.equal(data.decode_files(files), _torchvision_decode(files))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("split", ["test", "train"])
+def test_decoded_pixels_equal_torchvisions_on_every_cifar_jpeg(split: str) -> None:
+    files = _cifar_sample(split, 1)
+    assert torch.equal(data.decode_files(files), _torchvision_decode(files))
+
+
+def test_decoding_raises_no_warning(cifar_dir: Path) -> None:
+    files = data.list_image_folder(cifar_dir / "cifar10" / "train")[0][:20]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        images = data.decode_files(files)
+    assert images.shape == (20, 3, 32, 32)
+
+
+def test_grey_images_become_rgb_and_bad_files_are_named(tmp_path: Path) -> None:
+    grey = tmp_path / "grey.png"
+    Image.fromarray(np.arange(32 * 32, dtype=np.uint8).reshape(32, 32)).save(grey)
+    (rgb,) = data.decode_files([grey])
+    assert rgb.shape == (3, 32, 32) and torch.equal(rgb[0], rgb[2])
+    assert data.decode_files([grey], channels=1).shape == (1, 1, 32, 32)
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
+    with pytest.raises(data.DatasetError, match="broken.jpg"):
+        data.decode_files([grey, broken])
