@@ -5,9 +5,10 @@ For every zoo pair (branchy:plain) this builds one engine per runtime and precis
 available here (:func:`models.load_engine` with ``runtime`` torch, onnxruntime,
 openvino; openvino bf16 only where the CPU computes bf16 natively), plus the engine that
 ``runtime="auto"`` picks, for both nets, and times them all in interleaved rounds: in
-every round each engine is timed once per measure, in an order rotated from round to
-round, so that a change in machine load hits them all alike. The path timed is the
-service's whole path: a normalised input tensor -> ``engine.early_exit`` (segments,
+every round each engine classifies every image once per measure, the images in chunks
+and the engines taking turns chunk by chunk, in an order rotated from chunk to chunk,
+so that a change in machine load hits them all alike. The path timed is the service's
+whole path: a normalised input tensor -> ``engine.early_exit`` (segments,
 heads, entropies, exit decisions, compaction) -> predicted class on the host. Branchy
 nets run at their checkpoint's default thresholds.
 
@@ -76,6 +77,10 @@ CANDIDATES = (
     ("openvino", "bf16"),
 )
 EAGER = "torch fp32"
+# batch-1 images are timed in this many chunks per round, every engine taking its turn
+# on a chunk before the next chunk starts (load changes within a round hit all alike)
+LATENCY_CHUNKS = 10
+THROUGHPUT_CHUNKS = 4  # likewise for the batches (a chunk holds whole batches)
 AUTO = "auto"
 CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16", "amx_int8")
 # the issue's goals: branchy (runtime auto) against its plain net on the plain net's
@@ -188,7 +193,7 @@ def latency_pass(
 def throughput_pass(
     engine: EarlyExitEngine, x: Tensor, thresholds: list[float], batch_size: int
 ) -> tuple[float, Tensor, Tensor]:
-    """All of ``x`` in batches, whole path: images per second, exits and classes."""
+    """All of ``x`` in batches, whole path: seconds, exits and classes."""
     preds, exits = [], []
     t0 = time.perf_counter()
     for start in range(0, x.shape[0], batch_size):
@@ -196,7 +201,7 @@ def throughput_pass(
         preds.append(result.prediction)
         exits.append(result.exit_index)
     seconds = time.perf_counter() - t0
-    return x.shape[0] / seconds, torch.cat(exits), torch.cat(preds)
+    return seconds, torch.cat(exits), torch.cat(preds)
 
 
 def segment_seconds(executor: Executor, x: Tensor, batch_size: int) -> list[float]:
@@ -246,21 +251,44 @@ def run_rounds(
         throughput_pass(e.engine, x["throughput"][: args.batch_size], e.thresholds, args.batch_size)
         segment_seconds(e.engine.executor, x["profile"][: args.batch_size], args.batch_size)
     profiled = [e for e in entries if e.label != AUTO]  # auto repeats one of them
+    n_lat = min(x["latency"].shape[0] for x in inputs.values())
+    cuts = [round(n_lat * c / LATENCY_CHUNKS) for c in range(LATENCY_CHUNKS + 1)]
+    n_tp = min(x["throughput"].shape[0] for x in inputs.values())
+    batches = -(-n_tp // args.batch_size)
+    tp_cuts = sorted(
+        {min(n_tp, args.batch_size * round(batches * c / THROUGHPUT_CHUNKS))
+         for c in range(THROUGHPUT_CHUNKS + 1)}
+    )  # fmt: skip
     for r in range(args.rounds):
-        for k in rotated(len(entries), r):
-            e = entries[k]
-            seconds, exits, preds = latency_pass(e.engine, inputs[e.net]["latency"], e.thresholds)
-            e.latency_s.append(seconds)
+        # batch 1: the images in chunks, the engines taking turns chunk by chunk
+        for e in entries:
+            e.latency_s.append([])
+        for c in range(LATENCY_CHUNKS):
+            for k in rotated(len(entries), r * LATENCY_CHUNKS + c):
+                e = entries[k]
+                chunk = inputs[e.net]["latency"][cuts[c] : cuts[c + 1]]
+                seconds, exits, preds = latency_pass(e.engine, chunk, e.thresholds)
+                e.latency_s[-1] += seconds
+                if r == 0:
+                    e.one_exits += exits
+                    e.one_preds += preds
+        # batches: the images in chunks of whole batches, likewise in turns
+        spent = [0.0] * len(entries)
+        outs: list[list[tuple[Tensor, Tensor]]] = [[] for _ in entries]
+        for c in range(len(tp_cuts) - 1):
+            for k in rotated(len(entries), r * THROUGHPUT_CHUNKS + c):
+                e = entries[k]
+                chunk = inputs[e.net]["throughput"][tp_cuts[c] : tp_cuts[c + 1]]
+                took, exits_t, preds_t = throughput_pass(
+                    e.engine, chunk, e.thresholds, args.batch_size
+                )
+                spent[k] += took
+                outs[k].append((exits_t, preds_t))
+        for k, e in enumerate(entries):
+            e.rates.append(n_tp / spent[k])
             if r == 0:
-                e.one_exits, e.one_preds = exits, preds
-        for k in rotated(len(entries), r):
-            e = entries[k]
-            rate, exits_t, preds_t = throughput_pass(
-                e.engine, inputs[e.net]["throughput"], e.thresholds, args.batch_size
-            )
-            e.rates.append(rate)
-            if r == 0:
-                e.batch_exits, e.batch_preds = exits_t, preds_t
+                e.batch_exits = torch.cat([o[0] for o in outs[k]])
+                e.batch_preds = torch.cat([o[1] for o in outs[k]])
         for k in rotated(len(profiled), r):
             e = profiled[k]
             e.segments.append(
