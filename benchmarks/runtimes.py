@@ -33,10 +33,12 @@ Measures, per engine:
 
 Per runtime and precision it also profiles the segments: each segment alone
 (``executor.segment``) on full batches of ``--profile-samples`` images, no sample leaving,
-per segment the best round. The *time-ideal gain* charges each sample only the segments
+interleaved like the rest. The *time-ideal gain* charges each sample only the segments
 it ran (exit shares of that engine on the throughput images) against the plain net's
 time on the same runtime; the *first segment's share* of the plain net's time bounds any
-gain from early exit at ``1 / share``, whatever the thresholds.
+gain from early exit at ``1 / share``, whatever the thresholds. Every profile figure is
+computed per round from that round's times and summarised by its median over rounds
+(so it pairs with the measured throughput gain of the same rounds).
 
 Prints a markdown table and writes JSON (``--out``), both naming the CPU model and flags,
 the runtimes' versions and the thread count.
@@ -205,8 +207,8 @@ def throughput_pass(
 
 
 def segment_seconds(executor: Executor, x: Tensor, batch_size: int) -> list[float]:
-    """Seconds per image of each segment (``executor.segment``) on all of ``x`` in
-    batches, every sample through every segment, each segment timed alone."""
+    """Seconds spent in each segment (``executor.segment``) on all of ``x`` in batches,
+    every sample through every segment, each segment timed alone."""
     totals = [0.0] * executor.num_exits
     clock = time.perf_counter
     with torch.inference_mode():
@@ -217,7 +219,7 @@ def segment_seconds(executor: Executor, x: Tensor, batch_size: int) -> list[floa
                 t0 = clock()
                 state, _, _ = executor.segment(i, state, one=chunk.shape[0] == 1)
                 totals[i] += clock() - t0
-    return [t / x.shape[0] for t in totals]
+    return totals
 
 
 def ideal_seconds_per_image(segments: Sequence[float], exit_shares: Sequence[float]) -> float:
@@ -239,6 +241,12 @@ def rotated(n: int, round_: int) -> list[int]:
     return list(range(k, n)) + list(range(k))
 
 
+def batch_chunks(n: int, batch_size: int, chunks: int) -> list[int]:
+    """Boundaries that cut ``n`` images into at most ``chunks`` runs of whole batches."""
+    batches = -(-n // batch_size)
+    return sorted({min(n, batch_size * round(batches * c / chunks)) for c in range(chunks + 1)})
+
+
 def run_rounds(
     entries: list[Entry],
     inputs: dict[str, dict[str, Tensor]],
@@ -254,11 +262,9 @@ def run_rounds(
     n_lat = min(x["latency"].shape[0] for x in inputs.values())
     cuts = [round(n_lat * c / LATENCY_CHUNKS) for c in range(LATENCY_CHUNKS + 1)]
     n_tp = min(x["throughput"].shape[0] for x in inputs.values())
-    batches = -(-n_tp // args.batch_size)
-    tp_cuts = sorted(
-        {min(n_tp, args.batch_size * round(batches * c / THROUGHPUT_CHUNKS))
-         for c in range(THROUGHPUT_CHUNKS + 1)}
-    )  # fmt: skip
+    n_pf = min(x["profile"].shape[0] for x in inputs.values())
+    tp_cuts = batch_chunks(n_tp, args.batch_size, THROUGHPUT_CHUNKS)
+    pf_cuts = batch_chunks(n_pf, args.batch_size, THROUGHPUT_CHUNKS)
     for r in range(args.rounds):
         # batch 1: the images in chunks, the engines taking turns chunk by chunk
         for e in entries:
@@ -289,11 +295,16 @@ def run_rounds(
             if r == 0:
                 e.batch_exits = torch.cat([o[0] for o in outs[k]])
                 e.batch_preds = torch.cat([o[1] for o in outs[k]])
-        for k in rotated(len(profiled), r):
-            e = profiled[k]
-            e.segments.append(
-                segment_seconds(e.engine.executor, inputs[e.net]["profile"], args.batch_size)
-            )
+        # segments alone: likewise
+        in_segments = [[0.0] * e.engine.num_exits for e in profiled]
+        for c in range(len(pf_cuts) - 1):
+            for k in rotated(len(profiled), r * THROUGHPUT_CHUNKS + c):
+                e = profiled[k]
+                chunk = inputs[e.net]["profile"][pf_cuts[c] : pf_cuts[c + 1]]
+                took_each = segment_seconds(e.engine.executor, chunk, args.batch_size)
+                in_segments[k] = [a + b for a, b in zip(in_segments[k], took_each, strict=True)]
+        for k, e in enumerate(profiled):
+            e.segments.append([t / n_pf for t in in_segments[k]])
         sys.stderr.write(f"  round {r + 1}/{args.rounds} done\n")
 
 
@@ -336,8 +347,46 @@ def _latency_median(e: Entry) -> float:
     return statistics.median(statistics.median(r) for r in e.latency_s)
 
 
-def _best_segments(e: Entry) -> list[float]:
-    return [min(t) for t in zip(*e.segments, strict=True)]
+def _median_segments(e: Entry) -> list[float]:
+    return [statistics.median(t) for t in zip(*e.segments, strict=True)]
+
+
+def profile_on_runtime(branchy: Entry, plain: Entry, exit_shares: list[float]) -> dict[str, Any]:
+    """Time-ideal gain and the first segment's bound on one runtime, per round (from that
+    round's segment times and throughputs) and their medians over rounds."""
+    per_round: dict[str, list[Any]] = {k: [] for k in (
+        "branchy_segment_us_per_image", "plain_us_per_image", "ideal_us_per_image",
+        "time_ideal_gain", "first_segment_share_of_plain", "gain_if_all_leave_at_first_exit",
+        "measured_throughput_gain", "measured_vs_time_ideal",
+    )}  # fmt: skip
+    rounds = zip(branchy.segments, plain.segments, branchy.rates, plain.rates, strict=True)
+    for seg, plain_seg, b_rate, p_rate in rounds:
+        plain_s = sum(plain_seg)
+        ideal = ideal_seconds_per_image(seg, exit_shares)
+        measured = b_rate / p_rate
+        for key, value in (
+            ("branchy_segment_us_per_image", [1e6 * t for t in seg]),
+            ("plain_us_per_image", 1e6 * plain_s),
+            ("ideal_us_per_image", 1e6 * ideal),
+            ("time_ideal_gain", plain_s / ideal),
+            ("first_segment_share_of_plain", seg[0] / plain_s),
+            ("gain_if_all_leave_at_first_exit", plain_s / seg[0]),
+            ("measured_throughput_gain", measured),
+            ("measured_vs_time_ideal", measured / (plain_s / ideal)),
+        ):
+            per_round[key].append(value)
+    out: dict[str, Any] = {
+        "branchy_segment_us_per_image": [
+            statistics.median(t)
+            for t in zip(*per_round["branchy_segment_us_per_image"], strict=True)
+        ],
+        "exit_shares": exit_shares,
+    }
+    for key, values in per_round.items():
+        if key != "branchy_segment_us_per_image":
+            out[key] = statistics.median(values)
+    out["per_round"] = per_round
+    return out
 
 
 def summarise_pair(
@@ -404,29 +453,16 @@ def summarise_pair(
             row["ratios"]["latency_vs_eager_branchy"] = latency_ratio(eager_branchy, e)
             row["ratios"]["throughput_vs_eager_branchy"] = throughput_ratio(eager_branchy, e)
         if e.segments:
-            row["segment_us_per_image"] = [1e6 * s for s in _best_segments(e)]
+            row["segment_us_per_image"] = [1e6 * s for s in _median_segments(e)]
+            row["segment_us_per_image_per_round"] = [[1e6 * s for s in r] for r in e.segments]
         rows.append(row)
     profile = {}
     for e in entries:
         plain = by_key.get(("plain", e.label))
         if e.kind != "branchy" or e.label == AUTO or plain is None:
             continue
-        seg, plain_seg = _best_segments(e), _best_segments(plain)
-        plain_s = sum(plain_seg)
         row = next(r for r in rows if r["kind"] == "branchy" and r["engine"] == e.label)
-        ideal = ideal_seconds_per_image(seg, row["exit_shares"])
-        measured = throughput_ratio(plain, e)["median"]
-        profile[e.label] = {
-            "branchy_segment_us_per_image": [1e6 * s for s in seg],
-            "plain_us_per_image": 1e6 * plain_s,
-            "exit_shares": row["exit_shares"],
-            "ideal_us_per_image": 1e6 * ideal,
-            "time_ideal_gain": plain_s / ideal,
-            "first_segment_share_of_plain": seg[0] / plain_s,
-            "gain_if_all_leave_at_first_exit": plain_s / seg[0],
-            "measured_throughput_gain": measured,
-            "measured_vs_time_ideal": measured / (plain_s / ideal),
-        }
+        profile[e.label] = profile_on_runtime(e, plain, row["exit_shares"])
     auto_b, auto_p = by_key[("branchy", AUTO)], by_key[("plain", AUTO)]
     goals = []
     branchy_net = auto_b.net
@@ -519,6 +555,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     default_threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
+    commit = git_commit()  # the code that runs (before anything is written)
     pairs = []
     try:
         for pair in args.pairs.split(","):
@@ -548,7 +585,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     result = {
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "command": " ".join([".venv/bin/python", "benchmarks/runtimes.py", *given]),
-        "git_commit": git_commit(),
+        "git_commit": commit,
         "note": args.note,
         "cpu": cpu_info(),
         "machine": machine_info(),
@@ -645,10 +682,11 @@ def render_markdown(result: dict[str, Any]) -> str:
             )
         lines += [
             "",
-            f"Segment profile per runtime (each segment alone at batch {b}, best round, µs per "
-            "image). Time-ideal gain: each sample charged only the segments it ran, against "
-            "the plain net on the same runtime; the first segment's share of the plain net's "
-            "time caps any gain at 1/share.",
+            f"Segment profile per runtime (each segment alone at batch {b}, µs per image). "
+            "Time-ideal gain: each sample charged only the segments it ran, against the plain "
+            "net on the same runtime; measured gain: the branchy net's throughput over the "
+            "plain net's on that runtime; the first segment's share of the plain net's time "
+            "caps any gain at 1/share. Each figure: the median over rounds of that round's.",
             "",
             "| Runtime | plain µs | branchy segments µs | exit % | time-ideal gain | "
             "measured gain | measured / ideal | first segment / plain | gain if all leave at exit 1 |",

@@ -148,22 +148,32 @@ def test_profile_charges_each_sample_the_segments_it_ran(result: tuple[dict, dic
     rows = rows_of(report)
     assert set(pair["profile"]) == {e for k, e in rows if k == "branchy" and e != "auto"}
     for engine, f in pair["profile"].items():
-        seg = f["branchy_segment_us_per_image"]
-        assert seg == rows[("branchy", engine)]["segment_us_per_image"] and min(seg) > 0
-        plain = rows[("plain", engine)]["segment_us_per_image"]
-        assert len(seg) == 2 and len(plain) == 1 and f["plain_us_per_image"] == plain[0]
+        branchy, plain = rows[("branchy", engine)], rows[("plain", engine)]
+        assert f["exit_shares"] == branchy["exit_shares"]
         s0, s1 = f["exit_shares"]
-        assert f["exit_shares"] == rows[("branchy", engine)]["exit_shares"]
-        ideal = s0 * seg[0] + s1 * (seg[0] + seg[1])
-        assert f["ideal_us_per_image"] == pytest.approx(ideal)
-        assert f["time_ideal_gain"] == pytest.approx(plain[0] / ideal)
-        assert f["first_segment_share_of_plain"] == pytest.approx(seg[0] / plain[0])
-        assert f["gain_if_all_leave_at_first_exit"] == pytest.approx(plain[0] / seg[0])
-        b_rates = rows[("branchy", engine)]["throughput_img_s"]["per_round"]
-        p_rates = rows[("plain", engine)]["throughput_img_s"]["per_round"]
-        measured = statistics.median(b / p for b, p in zip(b_rates, p_rates, strict=True))
-        assert f["measured_throughput_gain"] == pytest.approx(measured)
-        assert f["measured_vs_time_ideal"] == pytest.approx(measured / f["time_ideal_gain"])
+        per_round = f["per_round"]
+        segs = branchy["segment_us_per_image_per_round"]
+        plains = plain["segment_us_per_image_per_round"]
+        b_rates = branchy["throughput_img_s"]["per_round"]
+        p_rates = plain["throughput_img_s"]["per_round"]
+        assert len(segs) == len(plains) == ROUNDS
+        assert per_round["branchy_segment_us_per_image"] == segs
+        for r, (seg, (p_us,), b, p) in enumerate(zip(segs, plains, b_rates, p_rates, strict=True)):
+            assert len(seg) == 2 and min(seg) > 0
+            ideal = s0 * seg[0] + s1 * (seg[0] + seg[1])  # exit 1 pays both segments
+            assert per_round["plain_us_per_image"][r] == pytest.approx(p_us)
+            assert per_round["ideal_us_per_image"][r] == pytest.approx(ideal)
+            assert per_round["time_ideal_gain"][r] == pytest.approx(p_us / ideal)
+            assert per_round["first_segment_share_of_plain"][r] == pytest.approx(seg[0] / p_us)
+            assert per_round["gain_if_all_leave_at_first_exit"][r] == pytest.approx(p_us / seg[0])
+            assert per_round["measured_throughput_gain"][r] == pytest.approx(b / p)
+            assert per_round["measured_vs_time_ideal"][r] == pytest.approx(b / p / (p_us / ideal))
+        for key, values in per_round.items():
+            if key != "branchy_segment_us_per_image":
+                assert f[key] == pytest.approx(statistics.median(values)), key
+        medians = [statistics.median(t) for t in zip(*segs, strict=True)]
+        assert f["branchy_segment_us_per_image"] == pytest.approx(medians)
+        assert branchy["segment_us_per_image"] == pytest.approx(medians)
 
 
 def test_ideal_time_definition() -> None:
