@@ -533,3 +533,39 @@ def load_test_split(
         _, test, classes = load_cifar10(data_dir, download=download, cache_dir=cache_dir)
         return test, classes
     raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
+
+
+def class_balanced_indices(labels: Tensor, n: int) -> Tensor:
+    """Indices of ``n`` samples taken evenly from every class, deterministically.
+
+    The samples are the first of each class in split order, interleaved class by class
+    (the first of every class, then the second of every class, ...), so the counts per
+    class differ by at most one, and every prefix of the result is as balanced as the
+    whole. A class that runs out leaves its turns to the others. Use it wherever a
+    subset of a test split is timed: the CIFAR-10 image folders list one class after
+    another, so the first N images are only a few classes (and exit differently).
+
+    Args:
+        labels: ``(N,)`` integer labels of the split.
+        n: how many samples; at least ``len(labels)`` gives every sample.
+
+    Returns:
+        ``(min(n, N),)`` int64 indices into the split, in the interleaved order.
+
+    Raises:
+        ValueError: ``n`` is negative or ``labels`` is not one-dimensional.
+    """
+    if n < 0:
+        raise ValueError(f"sample count must be >= 0; got {n}")
+    if labels.dim() != 1:
+        raise ValueError(f"labels must be one-dimensional; got shape {tuple(labels.shape)}")
+    labels = labels.cpu().long()
+    order = torch.arange(labels.numel())
+    # rank of each sample within its class (0 for the first of its class, 1, ...)
+    rank = torch.empty_like(order)
+    for k in labels.unique():
+        members = (labels == k).nonzero().squeeze(1)
+        rank[members] = torch.arange(members.numel())
+    # by rank, then by class: class order within a turn is fixed and label-sorted
+    key = rank * (int(labels.max()) + 1 if labels.numel() else 1) + labels
+    return order[key.argsort(stable=True)][:n]

@@ -57,6 +57,7 @@ class NetResult:
     expected_macs: float
     calibration: CalibrationData
     num_classes: int
+    latency_class_counts: list[int] | None = None  # images per class in the latency sample
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -95,7 +96,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--throughput-onednn", choices=("on", "off"), default="on",
                    help="oneDNN (mkldnn) kernels for batch throughput")  # fmt: skip
     g.add_argument("--latency-samples", type=int, default=None,
-                   help="time only the first N test images at batch 1 (default: all)")  # fmt: skip
+                   help="time only N class-balanced test images at batch 1 (the first "
+                        "N/classes of each class; default: all)")  # fmt: skip
     g.add_argument("--batch-size", type=int, default=256, help="throughput batch size")
     g.add_argument("--repeats", type=int, default=3, help="throughput repeats (best)")
     g = p.add_argument_group("output")
@@ -148,12 +150,18 @@ def measure_all(
     """Per-exit accuracy, engine accuracy and exit shares, latency, throughput and
     per-segment times of several networks on the same inputs.
 
-    The timings interleave the networks (batch-1 latency in four chunks of the samples,
+    Batch-1 latency is timed on ``args.latency_samples`` class-balanced test images
+    (:func:`training.data.class_balanced_indices`; all of them by default). The timings
+    interleave the networks (batch-1 latency in four chunks of the samples,
     alternating which network goes first; throughput and segment times one repeat each
     in turn, with the same threads and oneDNN setting), so that a change in machine
     load during the run hits all of them alike.
     """
     n_lat = min(args.latency_samples or x.shape[0], x.shape[0])
+    # the same number of images from every class: the first N in folder order are
+    # only a few classes (CIFAR-10: airplanes and automobiles), which exit differently
+    lat_idx = data_mod.class_balanced_indices(labels, n_lat)
+    x_lat = x[lat_idx.to(x.device)]
     cpu = x.device.type == "cpu"
     threads = torch.get_num_threads()
     cuts = [round(n_lat * i / 4) for i in range(5)]
@@ -167,7 +175,7 @@ def measure_all(
             for c in range(4):
                 for k in _turns(len(runs), c):
                     ckpt, thr = runs[k]
-                    part = x[cuts[c] : cuts[c + 1]]
+                    part = x_lat[cuts[c] : cuts[c + 1]]
                     lat_parts[k].append(
                         timing.latency_batch1(ckpt.model, part, thr, warmup=50 if c == 0 else 10)
                     )
@@ -193,7 +201,10 @@ def measure_all(
             [q for p in lat_parts[k] for q in p.predictions],
         )
         best = timing.SegmentTimes.best(segments[k])
-        results.append(_accuracy(ckpt, thr, x, labels, lat, max(rates[k]), best))
+        result = _accuracy(ckpt, thr, x, labels, lat, max(rates[k]), best)
+        counts = torch.bincount(labels[lat_idx], minlength=result.num_classes)
+        result.latency_class_counts = counts.tolist()
+        results.append(result)
     return results
 
 
@@ -327,6 +338,8 @@ def build_report(
                 "p90": r.latency.percentile_ms(90),
                 "p99": r.latency.percentile_ms(99),
                 "samples": len(r.latency.seconds),
+                # class-balanced: the first images of every class, interleaved
+                "class_counts": r.latency_class_counts,
             },
             "throughput_img_s": r.throughput,
             # batch-size throughput timing: every stage and head alone, µs per image
@@ -408,7 +421,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"({report['machine']['processor']}, {report['machine']['cpu_count']} CPUs"
         f"{', ' + report['machine']['gpu'] if 'gpu' in report['machine'] else ''}); "
         f"batch-1 latency with {report['latency_threads']} thread(s) and oneDNN "
-        f"{report['latency_onednn']}, median over the test split; throughput at batch "
+        f"{report['latency_onednn']}, median over {b['latency_ms']['samples']} test images "
+        "(class-balanced); throughput at batch "
         f"{report['batch_size']} (best of {report['throughput_repeats']} passes) with {report['throughput_threads']} thread(s) and oneDNN "
         f"{report['throughput_onednn']}. Whole path: input tensor on the device "
         "to predicted class on the host, heads, entropies and exit decisions included.",
