@@ -956,6 +956,8 @@ def _synthetic_series() -> list[dict[str, str]]:
         "device": ["cuda:0"],
         "architecture": ["b-lenet"],
         "exits": ["2"],
+        "runtime": ["onnxruntime"],
+        "precision": ["fp32"],
     }
     for name, metric in contract_metrics().items():
         for sample, labels in metric.series(name).items():
