@@ -12,6 +12,7 @@ from fastapi import APIRouter, Request
 from models import choose_thresholds, evaluate_thresholds
 from service.deps import AdminDep, ModelDep, SettingsDep
 from service.errors import NoCalibration, ReloadFailed, ValidationFailed
+from service.fidelity import certify_for, wants_certificate
 from service.inference import encode_thresholds
 from service.repository import ServedModel, load_engine
 from service.schemas import Expected, ReloadResponse, ThresholdState, ThresholdUpdate
@@ -35,17 +36,22 @@ async def get_thresholds(model: ModelDep) -> ThresholdState:
 
 @router.put(
     "/models/{name}/thresholds",
-    summary="Set thresholds explicitly, or choose them for an accuracy tolerance/target",
+    summary="Set thresholds explicitly, or choose them for an accuracy tolerance/target "
+    "or a certified risk budget",
     responses={
         **_ERRORS,
         400: {"description": "A body that cannot be parsed (e.g. a malformed form body)."},
-        409: {"description": "No calibration data in the checkpoint (tolerance/target)."},
+        409: {
+            "description": "No calibration data in the checkpoint (tolerance/target), or "
+            "nothing can be certified for max_disagreement/max_accuracy_drop."
+        },
         422: {"description": "Invalid thresholds or unreachable target."},
     },
 )
 async def put_thresholds(
     request: Request, model: ModelDep, settings: SettingsDep, body: ThresholdUpdate
 ) -> ThresholdState:
+    certificate = None
     async with request.app.state.admin_locks[model.name]:
         if body.thresholds is not None:
             try:
@@ -53,6 +59,9 @@ async def put_thresholds(
             except ValueError as exc:
                 raise ValidationFailed(f"invalid thresholds: {exc}") from None
             how = "explicit"
+        elif wants_certificate(body):
+            new, certificate = await asyncio.to_thread(certify_for, model, body)
+            how = f"certified {certificate.risk} <= {certificate.epsilon:g}"
         else:
             new, how = await asyncio.to_thread(_choose, model, body.tolerance, body.target)
         old = model.thresholds
@@ -64,7 +73,9 @@ async def put_thresholds(
         logger.info(
             "model %r: thresholds %s -> %s (admin, %s)", model.name, list(old), list(new), how
         )
-        return _state(model, await asyncio.to_thread(_expected, model, new))
+        state = _state(model, await asyncio.to_thread(_expected, model, new))
+        state.certificate = certificate
+        return state
 
 
 @router.post(
