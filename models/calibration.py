@@ -582,9 +582,7 @@ def cheapest_within_risk(
     return evaluate_thresholds(data, exit_macs, combos[k]), float(loss[k])
 
 
-def path_losses(
-    data: CalibrationData, path: Sequence[Sequence[float]], *, risk: str
-) -> list[int]:
+def path_losses(data: CalibrationData, path: Sequence[Sequence[float]], *, risk: str) -> list[int]:
     """Loss count on ``data`` of every setting on ``path``."""
     if not path:
         return []
@@ -626,9 +624,7 @@ def fixed_sequence_test(
     return passed, counts
 
 
-def _path_shares(
-    data: CalibrationData, path: Sequence[Sequence[float]]
-) -> list[list[float]]:
+def _path_shares(data: CalibrationData, path: Sequence[Sequence[float]]) -> list[list[float]]:
     """Exit shares of every setting on ``path`` (fast for one early exit)."""
     early = data.num_exits - 1
     if early == 1:
@@ -718,7 +714,7 @@ def certify_thresholds(
         candidates = [(t,) for t in SINGLE_EXIT_PATH]
     else:
         perm = torch.randperm(data.num_samples, generator=torch.Generator().manual_seed(seed))
-        path_n = int(round(path_fraction * data.num_samples))
+        path_n = round(path_fraction * data.num_samples)
         if path_n < 1 or path_n >= data.num_samples:
             raise NotCertifiable(
                 f"{data.num_samples} calibration sample(s) cannot be split into path and test "
@@ -728,17 +724,14 @@ def certify_thresholds(
         test = data.subset(perm[path_n:])
     # the trivial start (all zero: nobody leaves early, risk 0) is not a certificate
     candidates = [c for c in candidates if any(t > 0 for t in c)]
-    passed, counts = fixed_sequence_test(
-        test, candidates, risk=risk, epsilon=epsilon, delta=delta
-    )
+    passed, counts = fixed_sequence_test(test, candidates, risk=risk, epsilon=epsilon, delta=delta)
     n = test.num_samples
     if passed == 0:
         need = math.ceil(math.log(delta) / math.log1p(-epsilon))
         raise NotCertifiable(
             f"no thresholds can be certified: {risk} <= {epsilon:g} with confidence "
             f"{1 - delta:g} needs at least {need} tested samples even with no loss at all; "
-            f"{n} were tested"
-            + (f" and the first candidate lost {counts[0]}" if counts else "")
+            f"{n} were tested" + (f" and the first candidate lost {counts[0]}" if counts else "")
         )
     # cheapest on all calibration data; ties to the more conservative (earlier) setting
     macs = torch.tensor([float(m) for m in exit_macs], dtype=torch.float64)

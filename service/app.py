@@ -15,7 +15,7 @@ from fastapi import FastAPI
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service import __version__
+from service import __version__, shadow
 from service.batcher import Batcher
 from service.errors import error_body, install_error_handlers
 from service.metrics import UNKNOWN_MODEL, Metrics
@@ -95,6 +95,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         for model in served.values():
             if model.batcher is not None:
                 await model.batcher.stop()
+        await asyncio.to_thread(shadow.stop_all, app)
         logger.info("stopped")
 
 
@@ -128,6 +129,7 @@ async def _load_all(app: FastAPI, paths: dict[str, Any], device: Any) -> None:
             max_queue=settings.max_queue,
         )
         served.batcher.start()
+        shadow.attach(app, served)
         ckpt = engine.checkpoint
         metrics.init_model(name, engine.num_exits)
         metrics.set_thresholds(name, thresholds)

@@ -163,6 +163,12 @@ class Engine:
             torch.cuda.synchronize(self.device)
 
 
+class AnswerSink(Protocol):
+    """Sees every batch's answers after they are computed (the shadow monitor)."""
+
+    def offer(self, engine: Engine, answers: Sequence[tuple[Tensor, Classified]]) -> None: ...
+
+
 class ModelSource(Protocol):
     """What a batcher reads once per batch: the engine and the thresholds in force."""
 
@@ -213,6 +219,8 @@ class Batcher:
         max_delay_s: longest time the oldest queued image waits for the batch to fill.
         max_queue: images waiting at most; a request that does not fit is refused whole.
     """
+
+    shadow: AnswerSink | None = None  # set by service.shadow.attach
 
     def __init__(
         self,
@@ -439,4 +447,6 @@ class Batcher:
                     class_names=names,
                 )
             )
+        if self.shadow is not None:  # cheap: samples and queues, never computes here
+            self.shadow.offer(engine, [(item.x, r) for item, r in zip(batch, results, strict=True)])
         return results

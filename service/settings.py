@@ -53,6 +53,12 @@ class Settings(BaseSettings):
         warmup_batches: batches run per model at start-up before ``/readyz`` turns 200.
         graceful_shutdown_s: how long SIGTERM waits for accepted requests to finish.
         log_level: Python logging level name.
+        shadow_rate: share of served images sampled for shadow monitoring (0 = off);
+            sampled early exits are re-run to the final exit off the request path.
+        shadow_queue: shadows waiting per model at most (more are dropped and counted).
+        shadow_window: sampled images in the disagreement estimate's window.
+        shadow_confidence: level of the estimate's upper confidence bound.
+        shadow_budget: disagreement budget exported for the alert rule.
     """
 
     model_config = SettingsConfigDict(env_prefix="BRANCHY_", extra="ignore")
@@ -80,6 +86,11 @@ class Settings(BaseSettings):
     warmup_batches: int = Field(default=2, ge=0, le=100)
     graceful_shutdown_s: float = Field(default=30.0, gt=0)
     log_level: str = "INFO"
+    shadow_rate: float = Field(default=0.01, ge=0, le=1, allow_inf_nan=False)
+    shadow_queue: int = Field(default=256, ge=1, le=1_000_000)
+    shadow_window: int = Field(default=2000, ge=10, le=10_000_000)
+    shadow_confidence: float = Field(default=0.95, gt=0, lt=1)
+    shadow_budget: float = Field(default=0.01, gt=0, lt=1)
 
     @field_validator("models", mode="before")
     @classmethod

@@ -119,7 +119,9 @@ def recollect(ckpt: models.Checkpoint, data_dir: Path | None, cache_dir: Path) -
         diff = float((old.entropy - fresh.entropy).abs().max())
         if diff > 1e-3:
             raise ValueError(f"{ckpt.path}: re-collected entropies differ by up to {diff:.2g}")
-        log.info("%s: re-collected data match the stored ones (entropy within %.2g)", ckpt.path, diff)
+        log.info(
+            "%s: re-collected data match the stored ones (entropy within %.2g)", ckpt.path, diff
+        )
         # keep the stored entropies bit for bit, so every earlier choice still reproduces
         return CalibrationData(old.entropy, old.correct, fresh.prediction)
     return fresh

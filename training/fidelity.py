@@ -95,7 +95,9 @@ def measure(
         c["test_compute_saved"] / o["test_compute_saved"] if o["test_compute_saved"] > 0 else None
     )
     row["goal_met"] = bool(
-        row["within_budget"] and row["saved_vs_oracle"] is not None and row["saved_vs_oracle"] >= 0.9
+        row["within_budget"]
+        and row["saved_vs_oracle"] is not None
+        and row["saved_vs_oracle"] >= 0.9
     )
     return row
 

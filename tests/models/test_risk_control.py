@@ -96,9 +96,7 @@ def test_certified_thresholds_exceed_the_budget_in_at_most_delta_of_calibration_
         )
         assert cert.bound <= eps and cert.p_value <= delta
         certified_bad += true_risk(cert.point.thresholds, exits) > eps
-        plug, _ = cheapest_within_risk(
-            data, macs, risk="disagreement", epsilon=eps, budget=2500
-        )
+        plug, _ = cheapest_within_risk(data, macs, risk="disagreement", epsilon=eps, budget=2500)
         plug_in_bad += true_risk(plug.thresholds, exits) > eps
     # The guarantee: P(violation) <= delta. With `trials` independent draws the count of
     # violations is at most Binomial(trials, delta); allow its 99.9 % quantile.
