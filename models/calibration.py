@@ -653,6 +653,7 @@ def certify_thresholds(
     seed: int = 0,
     path: Sequence[Sequence[float]] | None = None,
     budget: int = 40_000,
+    bounds: Sequence[tuple[float, float]] | None = None,
 ) -> CertifiedPoint:
     """The cheapest thresholds whose risk is certified ≤ ``epsilon`` with confidence
     ``1 - delta``.
@@ -692,6 +693,9 @@ def certify_thresholds(
         path: an explicit candidate sequence instead (then every sample tests); it must
             not depend on ``data``.
         budget: settings of the grid the path is chosen from (more than one early exit).
+        bounds: ``(low, high)`` per early exit: every candidate is clipped into this box
+            before testing (a bounded step from the thresholds in force; the clipping is
+            fixed before the tested samples are seen, so the guarantee is unchanged).
 
     Raises:
         NotCertifiable: not even the first setting that lets samples leave early passes.
@@ -722,6 +726,14 @@ def certify_thresholds(
             )
         candidates = risk_path(data.subset(perm[:path_n]), exit_macs, risk, budget=budget)
         test = data.subset(perm[path_n:])
+    if bounds is not None:
+        if len(bounds) != early:
+            raise ValueError(f"need {early} (low, high) bound(s); got {len(bounds)}")
+        clipped = [
+            tuple(min(max(t, lo), hi) for t, (lo, hi) in zip(c, bounds, strict=True))
+            for c in candidates
+        ]
+        candidates = [c for k, c in enumerate(clipped) if k == 0 or c != clipped[k - 1]]
     # the trivial start (all zero: nobody leaves early, risk 0) is not a certificate
     candidates = [c for c in candidates if any(t > 0 for t in c)]
     passed, counts = fixed_sequence_test(test, candidates, risk=risk, epsilon=epsilon, delta=delta)

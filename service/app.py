@@ -15,7 +15,7 @@ from fastapi import FastAPI
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service import __version__, shadow
+from service import __version__, autotune, shadow
 from service.batcher import Batcher
 from service.errors import error_body, install_error_handlers
 from service.metrics import UNKNOWN_MODEL, Metrics
@@ -58,6 +58,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(classify.router)
     app.include_router(v2.router)
     app.include_router(admin.router)
+    app.include_router(autotune.router)
     app.add_middleware(LimitsMiddleware, settings=settings, app_ref=app)
     return app
 
@@ -79,6 +80,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     )
     loader = asyncio.create_task(_load_all(app, paths, device), name="load-models")
     poller = asyncio.create_task(_poll_state(app), name="poll-state")
+    tuning = autotune.running(app)
+    await tuning.__aenter__()
     try:
         yield
     finally:
@@ -91,6 +94,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         for task in (loader, poller):
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        await tuning.__aexit__(None, None, None)
         served: dict[str, ServedModel] = app.state.models
         for model in served.values():
             if model.batcher is not None:
@@ -114,7 +118,7 @@ async def _load_all(app: FastAPI, paths: dict[str, Any], device: Any) -> None:
         source = "checkpoint"
         saved = await asyncio.to_thread(load_thresholds, settings.state_dir, name, engine.num_exits)
         if saved is not None:
-            thresholds, source = saved.thresholds, "state"
+            thresholds, source = saved.thresholds, saved.source or "state"
             logger.info(
                 "model %r: thresholds %s restored from the state folder", name, list(thresholds)
             )
@@ -130,6 +134,7 @@ async def _load_all(app: FastAPI, paths: dict[str, Any], device: Any) -> None:
         )
         served.batcher.start()
         shadow.attach(app, served)
+        autotune.tuner(app).register(served, saved)
         ckpt = engine.checkpoint
         metrics.init_model(name, engine.num_exits)
         metrics.set_thresholds(name, thresholds)
@@ -170,10 +175,12 @@ async def reread_state(app: FastAPI, served: ServedModel) -> bool:
             load_thresholds, settings.state_dir, served.name, served.num_exits
         )
         served.state_mtime_ns = mtime  # a damaged file is reported once, not every poll
+        if saved is not None:
+            autotune.tuner(app).follow(served, saved)
         if saved is None or saved.thresholds == served.thresholds:
             return False
         old = served.thresholds
-        served.set_thresholds(saved.thresholds, source="state")
+        served.set_thresholds(saved.thresholds, source=saved.source or "state")
         app.state.metrics.set_thresholds(served.name, saved.thresholds)
         logger.info(
             "model %r: thresholds %s -> %s (changed in the state folder)",

@@ -64,7 +64,9 @@ class ModelDetail(BaseModel):
     architecture: str
     num_exits: int
     thresholds: list[Threshold]
-    threshold_source: str = Field(description="checkpoint, state (state folder) or admin.")
+    threshold_source: str = Field(
+        description="checkpoint, admin, autotune, or state (a state file of an older version)."
+    )
     classes: list[str]
     input: dict[str, Any]
     device: str

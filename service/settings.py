@@ -58,7 +58,16 @@ class Settings(BaseSettings):
         shadow_queue: shadows waiting per model at most (more are dropped and counted).
         shadow_window: sampled images in the disagreement estimate's window.
         shadow_confidence: level of the estimate's upper confidence bound.
-        shadow_budget: disagreement budget exported for the alert rule.
+        shadow_budget: disagreement budget exported for the alert rule (and the budget
+            auto-tuning certifies).
+        autotune: auto-tune every model's thresholds from the shadow window (off by
+            default; per model through the admin API).
+        autotune_interval_s: seconds between auto-tuning passes.
+        autotune_min_samples: re-run images the window needs before a pass may change
+            anything.
+        autotune_max_step: largest change of a threshold per pass, in nats.
+        autotune_hysteresis: relative cost change below which certified thresholds in
+            force are kept.
     """
 
     model_config = SettingsConfigDict(env_prefix="BRANCHY_", extra="ignore")
@@ -91,6 +100,11 @@ class Settings(BaseSettings):
     shadow_window: int = Field(default=2000, ge=10, le=10_000_000)
     shadow_confidence: float = Field(default=0.95, gt=0, lt=1)
     shadow_budget: float = Field(default=0.01, gt=0, lt=1)
+    autotune: bool = False
+    autotune_interval_s: float = Field(default=30.0, ge=0.05, le=86_400)
+    autotune_min_samples: int = Field(default=1000, ge=10)
+    autotune_max_step: float = Field(default=0.25, gt=0, allow_inf_nan=False)
+    autotune_hysteresis: float = Field(default=0.05, ge=0, lt=1)
 
     @field_validator("models", mode="before")
     @classmethod

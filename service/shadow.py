@@ -111,7 +111,9 @@ class ShadowMonitor:
         self._closing = False
         self._dirty = False  # window rows not yet in the gauges (exported by the worker)
         self._thread: threading.Thread | None = None
-        self.listeners: list[Callable[[ShadowMonitor], None]] = []
+        # also re-run sampled images that took the final exit (their every-exit entropies
+        # make the window a calibration sample; service.autotune switches it on)
+        self.collect_all = False
         metrics.budget.labels(name).set(budget)
         metrics.dropped.labels(name)
         self._export()
@@ -129,8 +131,12 @@ class ShadowMonitor:
                 if self.rate < 1 and self._rng.random() >= self.rate:
                     continue
                 if out.exit_index >= last:
-                    self._rows.append(WindowRow(out.exit_index, True))
-                    self._dirty = True
+                    if self.collect_all and len(self._jobs) < self.capacity:
+                        # auto-tuning needs every exit's entropy of these too
+                        self._jobs.append(_Job(engine, x, out.exit_index, out.class_index))
+                    else:
+                        self._rows.append(WindowRow(out.exit_index, True))
+                        self._dirty = True
                 elif len(self._jobs) >= self.capacity:
                     dropped += 1
                 else:
@@ -200,7 +206,11 @@ class ShadowMonitor:
                 outs = [z.float() for z in model(x)]
                 entropy = torch.stack([entropy_from_logits(z) for z in outs], 1).cpu()
                 pred = torch.stack([z.argmax(1) for z in outs], 1).cpu()
+            last = group[0].engine.num_exits - 1
             for k, job in enumerate(group):
+                if job.exit_index >= last:  # collected for auto-tuning: agrees by definition
+                    rows.append(WindowRow(job.exit_index, True, entropy[k], pred[k]))
+                    continue
                 agree = job.class_index == int(pred[k, -1])
                 self.metrics.total.labels(
                     self.name, str(job.exit_index), "true" if agree else "false"
@@ -209,14 +219,26 @@ class ShadowMonitor:
         with self._lock:
             self._rows.extend(rows)
         self._export()
-        for listener in self.listeners:
-            listener(self)
 
     # ---------------------------------------------------------------- window
 
     def window(self) -> list[WindowRow]:
         with self._lock:
             return list(self._rows)
+
+    def calibration_window(self) -> tuple[Tensor, Tensor] | None:
+        """Every-exit entropies ``(n, E)`` and predictions ``(n, E)`` of the window's
+        re-run images (None when there are none)."""
+        rows = [r for r in self.window() if r.entropy is not None and r.prediction is not None]
+        if not rows:
+            return None
+        widths = {int(r.entropy.shape[0]) for r in rows if r.entropy is not None}
+        if len(widths) != 1:  # a reload changed the exits: keep the newest shape only
+            e = int(rows[-1].entropy.shape[0]) if rows[-1].entropy is not None else 0
+            rows = [r for r in rows if r.entropy is not None and r.entropy.shape[0] == e]
+        entropy = torch.stack([r.entropy for r in rows if r.entropy is not None])
+        pred = torch.stack([r.prediction for r in rows if r.prediction is not None])
+        return entropy, pred
 
     def clear_window(self) -> None:
         """Forget the window (after the thresholds change, its rows describe old ones)."""

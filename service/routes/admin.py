@@ -10,6 +10,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 
 from models import choose_thresholds, evaluate_thresholds
+from service import autotune
 from service.deps import AdminDep, ModelDep, SettingsDep
 from service.errors import NoCalibration, ReloadFailed, ValidationFailed
 from service.fidelity import certify_for, wants_certificate
@@ -66,9 +67,12 @@ async def put_thresholds(
             new, how = await asyncio.to_thread(_choose, model, body.tolerance, body.target)
         old = model.thresholds
         # Persist first: if the disk write fails, nothing changes and the client learns it.
-        mtime = await asyncio.to_thread(save_thresholds, settings.state_dir, model.name, new)
+        mtime = await asyncio.to_thread(
+            save_thresholds, settings.state_dir, model.name, new, source="admin", autotune=False
+        )
         model.state_mtime_ns = mtime
         model.set_thresholds(new, source="admin")
+        await autotune.tuner(request.app).pin(request.app, model)  # explicit: pinned
         request.app.state.metrics.set_thresholds(model.name, new)
         logger.info(
             "model %r: thresholds %s -> %s (admin, %s)", model.name, list(old), list(new), how
