@@ -258,6 +258,7 @@ def test_openapi_describes_every_route(app_client: TestClient) -> None:
         ("post", f"{v2}/versions/{{version}}/infer"),
         ("get", "/admin/models/{name}/thresholds"), ("put", "/admin/models/{name}/thresholds"),
         ("post", "/admin/models/{name}/reload"),
+        ("get", "/admin/models/{name}/autotune"), ("put", "/admin/models/{name}/autotune"),
     }  # fmt: skip
     documented = {(m, p) for p, ops in doc["paths"].items() for m in ops}
     assert documented == contract
