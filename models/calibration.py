@@ -1,11 +1,20 @@
 """Choosing exit thresholds from validation data, without re-running the model.
 
 Calibration data are, for N validation samples and E exits, the entropy of every exit's
-softmax and whether every exit's argmax is right. Given thresholds, the exit each sample
-takes follows from the entropies alone, so accuracy, exit shares and expected cost of any
-setting can be computed exactly and quickly. :func:`choose_thresholds` searches for the
-cheapest setting that keeps accuracy within a tolerance of the final exit's (or above an
-absolute target).
+softmax, whether every exit's argmax is right and (since the risk-controlled choice)
+every exit's argmax itself. Given thresholds, the exit each sample takes follows from the
+entropies alone, so accuracy, exit shares, expected cost and risk of any setting can be
+computed exactly and quickly.
+
+Two ways to choose:
+
+* :func:`choose_thresholds`: the cheapest setting whose accuracy *on the calibration
+  data* stays within a tolerance of the final exit's (or above an absolute target). No
+  statement about unseen data.
+* :func:`certify_thresholds`: the cheapest setting whose risk (disagreement with the
+  final exit, or accuracy drop against it) is certified at most ε with confidence 1 − δ
+  on unseen data from the same distribution (Learn-then-Test with fixed-sequence testing
+  and exact binomial p-values).
 """
 
 from __future__ import annotations
@@ -27,16 +36,32 @@ ORIGINAL_GRID: tuple[float, ...] = (
 
 @dataclass(frozen=True)
 class CalibrationData:
-    """Per-sample, per-exit entropy ``(N, E)`` float32 and correctness ``(N, E)`` bool."""
+    """Per-sample, per-exit entropy ``(N, E)`` float32, correctness ``(N, E)`` bool and
+    predicted class ``(N, E)`` int64.
+
+    ``prediction`` is optional: checkpoints written before it was collected have none, and
+    then only the risks that need labels alone (accuracy, accuracy drop) can be computed.
+    """
 
     entropy: Tensor
     correct: Tensor
+    prediction: Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.entropy.dim() != 2 or self.entropy.shape != self.correct.shape:
             raise ValueError(
                 f"entropy and correct must both be (N, E); got {tuple(self.entropy.shape)} "
                 f"and {tuple(self.correct.shape)}"
+            )
+        if self.prediction is not None and (
+            self.prediction.shape != self.entropy.shape
+            or self.prediction.dtype.is_floating_point
+            or self.prediction.dtype == torch.bool
+        ):
+            raise ValueError(
+                f"prediction must be an integer (N, E) tensor like entropy "
+                f"{tuple(self.entropy.shape)}; got {self.prediction.dtype} "
+                f"{tuple(self.prediction.shape)}"
             )
         if self.entropy.shape[0] == 0 or self.entropy.shape[1] == 0:
             raise ValueError("calibration data must hold at least one sample and one exit")
@@ -53,11 +78,24 @@ class CalibrationData:
 
     def summary(self) -> dict[str, object]:
         """Small JSON-able description (sizes and per-exit accuracy)."""
-        return {
+        out: dict[str, object] = {
             "num_samples": self.num_samples,
             "num_exits": self.num_exits,
             "exit_accuracy": [round(a, 6) for a in self.correct.float().mean(0).tolist()],
+            "has_predictions": self.prediction is not None,
         }
+        if self.prediction is not None:
+            agree = self.prediction == self.prediction[:, -1:]
+            out["exit_agreement"] = [round(a, 6) for a in agree.float().mean(0).tolist()]
+        return out
+
+    def subset(self, index: Tensor) -> CalibrationData:
+        """The samples at ``index`` (1-D int64), in that order."""
+        return CalibrationData(
+            self.entropy[index],
+            self.correct[index],
+            None if self.prediction is None else self.prediction[index],
+        )
 
 
 @dataclass(frozen=True)
@@ -100,13 +138,14 @@ def exits_taken(entropy: Tensor, thresholds: Tensor) -> Tensor:
         ``(M, N)`` int64: the first exit ``i < E-1`` with ``entropy < T_i``, else ``E-1``.
     """
     e = entropy.shape[1]
-    leave = entropy[None, :, : e - 1] < thresholds[:, None, :]  # (M, N, E-1)
-    idx = torch.arange(e - 1, device=entropy.device).expand_as(leave)
-    return (
-        torch.where(leave, idx, e - 1).amin(dim=2)
-        if e > 1
-        else torch.zeros((thresholds.shape[0], entropy.shape[0]), dtype=torch.int64)
+    taken = torch.full(
+        (thresholds.shape[0], entropy.shape[0]), e - 1, dtype=torch.int64, device=entropy.device
     )
+    # from the last early exit back to the first, so the earliest exit that admits wins
+    for i in range(e - 2, -1, -1):
+        leave = entropy[None, :, i] < thresholds[:, i : i + 1]  # (M, N)
+        taken = torch.where(leave, torch.full_like(taken, i), taken)
+    return taken
 
 
 def evaluate_many(
@@ -318,3 +357,411 @@ def _check(data: CalibrationData, exit_macs: Sequence[int], thresholds: Sequence
             f"need {data.num_exits - 1} threshold(s) for {data.num_exits} exits; "
             f"got {len(thresholds)}"
         )
+
+
+# ---------------------------------------------------------------------------- risk control
+#
+# Learn-then-Test (Angelopoulos, Bates, Candès, Jordan, Lei 2021) turns threshold choice
+# into multiple testing. For each candidate setting λ the null hypothesis is
+# "risk(λ) > ε"; an exact binomial tail gives a valid p-value from the number of losses
+# among n calibration samples; fixed-sequence testing walks candidates from conservative
+# to aggressive in an order fixed before the tested samples are looked at, rejecting
+# while p ≤ δ and stopping at the first failure. That controls the family-wise error at
+# δ without any correction for the number of candidates, so every rejected setting,
+# and in particular the cheapest, has risk ≤ ε with probability ≥ 1 − δ.
+
+RISKS: tuple[str, ...] = ("disagreement", "accuracy_drop")
+
+# The fixed, data-independent path of a one-early-exit model: 0 (nobody leaves) and a
+# geometric grid from 1e-6 to 20 nats (beyond ln C for any C below 4e8, so the last
+# candidates let everybody leave), ascending, i.e. from conservative to aggressive.
+SINGLE_EXIT_PATH: tuple[float, ...] = tuple(
+    [0.0, *torch.logspace(-6, math.log10(20.0), 2000, dtype=torch.float64).tolist()]
+)
+
+
+class NotCertifiable(ValueError):
+    """No setting that lets any sample leave early could be certified (e.g. too few
+    calibration samples for that ε and δ)."""
+
+
+@dataclass(frozen=True)
+class CertifiedPoint:
+    """A risk-controlled choice and the evidence behind it.
+
+    Attributes:
+        point: what the thresholds do on all the calibration data.
+        risk: ``disagreement`` or ``accuracy_drop``.
+        epsilon: the risk budget ε.
+        delta: the allowed error probability δ (confidence ``1 - delta``).
+        bound: Clopper–Pearson upper confidence bound, at level ``1 - delta``, of the
+            chosen setting's risk from the tested samples (≤ ε by construction).
+        empirical_risk: the chosen setting's loss rate on the tested samples.
+        p_value: its binomial p-value for "risk > ε" (≤ δ).
+        tested_samples: calibration samples used for testing (the rest chose the path).
+        path_samples: calibration samples used to choose the path (0 for one early exit).
+        candidates: settings on the path; ``passed`` of them were certified in sequence.
+    """
+
+    point: OperatingPoint
+    risk: str
+    epsilon: float
+    delta: float
+    bound: float
+    empirical_risk: float
+    p_value: float
+    tested_samples: int
+    path_samples: int
+    candidates: int
+    passed: int
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            **self.point.to_json(),
+            "risk": self.risk,
+            "epsilon": self.epsilon,
+            "confidence": 1.0 - self.delta,
+            "certified_bound": self.bound,
+            "empirical_risk": self.empirical_risk,
+            "p_value": self.p_value,
+            "tested_samples": self.tested_samples,
+            "path_samples": self.path_samples,
+            "candidates": self.candidates,
+            "passed": self.passed,
+        }
+
+    def describe(self) -> str:
+        return (
+            f"{self.point.describe()}; {self.risk} {100 * self.empirical_risk:.2f}% on "
+            f"{self.tested_samples} samples, certified <= {100 * self.bound:.2f}% "
+            f"(budget {100 * self.epsilon:.2f}%) with confidence {1 - self.delta:.3f}"
+        )
+
+
+def binomial_cdf(k: int, n: int, p: float) -> float:
+    """``P(X <= k)`` for ``X ~ Binomial(n, p)``, summed exactly in log space."""
+    if n < 0 or k < 0:
+        raise ValueError(f"need n >= 0 and k >= 0; got n={n}, k={k}")
+    if k >= n or p <= 0.0:
+        return 1.0
+    if p >= 1.0:
+        return 0.0
+    lp, lq = math.log(p), math.log1p(-p)
+    base = math.lgamma(n + 1)
+    terms = [
+        base - math.lgamma(j + 1) - math.lgamma(n - j + 1) + j * lp + (n - j) * lq
+        for j in range(k + 1)
+    ]
+    top = max(terms)
+    return min(1.0, math.exp(top) * math.fsum(math.exp(t - top) for t in terms))
+
+
+def binomial_p_value(losses: int, n: int, epsilon: float) -> float:
+    """Exact p-value of the null "risk > ε" after ``losses`` in ``n`` samples.
+
+    Under the null (risk exactly ε at worst), few losses are unlikely:
+    ``P(Binomial(n, ε) <= losses)``. Valid for a {0, 1} loss of i.i.d. samples.
+    """
+    return binomial_cdf(losses, n, epsilon)
+
+
+def binomial_upper_bound(losses: int, n: int, delta: float) -> float:
+    """Clopper–Pearson upper bound: the largest rate ``p`` with
+    ``P(Binomial(n, p) <= losses) >= delta`` (one-sided, level ``1 - delta``).
+
+    A setting's p-value is ≤ δ exactly when this bound is ≤ ε.
+    """
+    if n <= 0:
+        return 1.0
+    if losses >= n:
+        return 1.0
+    lo, hi = losses / n, 1.0
+    for _ in range(100):  # bisection to ~1e-30: the CDF decreases in p
+        mid = (lo + hi) / 2
+        if binomial_cdf(losses, n, mid) >= delta:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def exit_losses(data: CalibrationData, risk: str) -> Tensor:
+    """``(N, E)`` bool: the loss a sample incurs if it leaves at each exit (0 at the last).
+
+    ``disagreement``: that exit's predicted class differs from the final exit's (needs
+    ``data.prediction``; no labels). ``accuracy_drop``: the final exit is right and that
+    exit is wrong. The mean of the second bounds the accuracy drop from above (the drop
+    also subtracts samples an early exit gets right and the final exit wrong), so a
+    certificate on it is a certificate on the drop.
+
+    Raises:
+        ValueError: unknown risk, or ``disagreement`` without predictions.
+    """
+    if risk == "disagreement":
+        if data.prediction is None:
+            raise ValueError(
+                "the calibration data hold no per-exit predictions (a checkpoint written "
+                "before they were collected); the disagreement risk needs them: re-collect "
+                "them with `python -m training.calibrate --checkpoint DIR --recollect`, "
+                "or use the accuracy_drop risk"
+            )
+        return data.prediction != data.prediction[:, -1:]
+    if risk == "accuracy_drop":
+        return data.correct[:, -1:] & ~data.correct
+    raise ValueError(f"unknown risk {risk!r}; known: {', '.join(RISKS)}")
+
+
+def risk_of(data: CalibrationData, thresholds: Sequence[float], risk: str) -> float:
+    """The loss rate of one setting on ``data`` (e.g. a test split's)."""
+    _check(data, [1] * data.num_exits, thresholds)
+    taken = exits_taken(data.entropy, torch.tensor([list(thresholds)], dtype=torch.float32))[0]
+    loss = exit_losses(data, risk).gather(1, taken[:, None])[:, 0]
+    return float(loss.double().mean())
+
+
+def risk_path(
+    data: CalibrationData, exit_macs: Sequence[int], risk: str, *, budget: int = 40_000
+) -> list[tuple[float, ...]]:
+    """Candidate settings from conservative to aggressive, chosen on ``data``.
+
+    The Pareto frontier of (empirical risk, expected cost) over the same exact grid as
+    :func:`choose_thresholds`: settings sorted by risk, each strictly cheaper than every
+    less risky one. Starts at all-zero thresholds (nobody leaves early).
+    """
+    early = data.num_exits - 1
+    per_exit = max(2, int(budget ** (1.0 / early)))
+    cands = [candidate_thresholds(data.entropy[:, i], per_exit) for i in range(early)]
+    # evaluate_grid sums ``correct`` over the samples at the exit each takes: with the
+    # loss matrix in its place it sums the losses
+    as_loss = CalibrationData(data.entropy, exit_losses(data, risk))
+    loss, _, cost = evaluate_grid(as_loss, exit_macs, cands)
+    loss, cost = loss.reshape(-1), cost.reshape(-1)
+    combos = list(itertools.product(*cands))
+    # sort by risk, then cost (stable sorts, last key first); keep each setting strictly
+    # cheaper than every less risky one
+    order = torch.sort(cost, stable=True).indices
+    order = order[torch.sort(loss[order], stable=True).indices]
+    sorted_cost = cost[order]
+    best_before = torch.cat(
+        [torch.tensor([math.inf], dtype=torch.float64), sorted_cost.cummin(0).values[:-1]]
+    )
+    keep = order[sorted_cost < best_before - 1e-9].tolist()
+    path: list[tuple[float, ...]] = [tuple(float(t) for t in combos[k]) for k in keep]
+    return path
+
+
+def cheapest_within_risk(
+    data: CalibrationData,
+    exit_macs: Sequence[int],
+    *,
+    risk: str,
+    epsilon: float,
+    budget: int = 40_000,
+) -> tuple[OperatingPoint, float]:
+    """The cheapest setting whose loss rate *on ``data``* is at most ``epsilon``, and
+    that rate. No guarantee on other data: this is the plug-in choice (and, on a test
+    split, the oracle that :func:`certify_thresholds` is compared with).
+    """
+    _check(data, exit_macs, [0.0] * (data.num_exits - 1))
+    early = data.num_exits - 1
+    if early == 0:
+        return evaluate_thresholds(data, exit_macs, []), 0.0
+    per_exit = max(2, int(budget ** (1.0 / early)))
+    cands = [candidate_thresholds(data.entropy[:, i], per_exit) for i in range(early)]
+    as_loss = CalibrationData(data.entropy, exit_losses(data, risk))
+    loss, _, cost = evaluate_grid(as_loss, exit_macs, cands)
+    loss, cost = loss.reshape(-1), cost.reshape(-1)
+    combos = list(itertools.product(*cands))
+    # cheapest, then least risky, then the smallest thresholds (product order) among the
+    # settings within the budget (all-zero always is)
+    ok = (loss <= epsilon + 1e-12).nonzero().squeeze(1)
+    rounded = (cost[ok] * 1e6).round()
+    order = torch.sort(loss[ok], stable=True).indices
+    order = order[torch.sort(rounded[order], stable=True).indices]
+    k = int(ok[order[0]])
+    return evaluate_thresholds(data, exit_macs, combos[k]), float(loss[k])
+
+
+def path_losses(data: CalibrationData, path: Sequence[Sequence[float]], *, risk: str) -> list[int]:
+    """Loss count on ``data`` of every setting on ``path``."""
+    if not path:
+        return []
+    losses_at = exit_losses(data, risk)
+    early = data.num_exits - 1
+    if early == 1:
+        # one early exit: with thresholds sorted, one exact grid pass counts them all
+        values = [float(t[0]) for t in path]
+        grid = sorted(set(values))
+        as_loss = CalibrationData(data.entropy, losses_at)
+        rate = evaluate_grid(as_loss, [1] * data.num_exits, [grid])[0]
+        counts = (rate * data.num_samples).round().long().tolist()
+        at = dict(zip(grid, counts, strict=True))
+        return [int(at[v]) for v in values]
+    out: list[int] = []
+    for start in range(0, len(path), 256):
+        chunk = torch.tensor([list(t) for t in path[start : start + 256]], dtype=torch.float32)
+        taken = exits_taken(data.entropy, chunk.reshape(-1, early))  # (m, N)
+        out.extend(int(c) for c in losses_at.gather(1, taken.T).sum(0).tolist())
+    return out
+
+
+def fixed_sequence_test(
+    data: CalibrationData,
+    path: Sequence[Sequence[float]],
+    *,
+    risk: str,
+    epsilon: float,
+    delta: float,
+) -> tuple[int, list[int]]:
+    """Test ``path`` in order on ``data``: how many settings passed before the first
+    failure, and every setting's loss count."""
+    counts = path_losses(data, path, risk=risk)
+    passed = 0
+    for c in counts:
+        if binomial_p_value(c, data.num_samples, epsilon) > delta:
+            break
+        passed += 1
+    return passed, counts
+
+
+def _path_shares(data: CalibrationData, path: Sequence[Sequence[float]]) -> list[list[float]]:
+    """Exit shares of every setting on ``path`` (fast for one early exit)."""
+    early = data.num_exits - 1
+    if early == 1:
+        values = [float(t[0]) for t in path]
+        grid = sorted(set(values))
+        share = evaluate_grid(data, [1] * data.num_exits, [grid])[1]
+        at = dict(zip(grid, share.tolist(), strict=True))
+        return [at[v] for v in values]
+    out: list[list[float]] = []
+    for start in range(0, len(path), 256):
+        chunk = torch.tensor([list(t) for t in path[start : start + 256]], dtype=torch.float32)
+        taken = exits_taken(data.entropy, chunk.reshape(-1, early))
+        counts = torch.nn.functional.one_hot(taken, data.num_exits).double().mean(1)
+        out.extend(counts.tolist())
+    return out
+
+
+def certify_thresholds(
+    data: CalibrationData,
+    exit_macs: Sequence[int],
+    *,
+    risk: str = "disagreement",
+    epsilon: float,
+    delta: float,
+    path_fraction: float = 0.3,
+    seed: int = 0,
+    path: Sequence[Sequence[float]] | None = None,
+    budget: int = 40_000,
+    bounds: Sequence[tuple[float, float]] | None = None,
+) -> CertifiedPoint:
+    """The cheapest thresholds whose risk is certified ≤ ``epsilon`` with confidence
+    ``1 - delta``.
+
+    **Guarantee.** If the tested calibration samples and the samples served later are
+    independent draws from one distribution (exchangeable), then with probability at
+    least ``1 - delta`` over the calibration sample, the returned thresholds' risk on
+    served samples (the expected loss rate) is at most ``epsilon``. The risk is
+    ``disagreement`` (the answer differs from the one the final exit would give;
+    label-free) or ``accuracy_drop`` (accuracy lost against always running to the final
+    exit, bounded by the share the final exit gets right and the early exit wrong). It
+    is a statement about the long-run rate, not about any one batch or window, and says
+    nothing once traffic drifts away from the calibration distribution (watch it with the
+    server's shadow monitoring).
+
+    **Procedure** (Learn-then-Test with fixed-sequence testing). The candidate settings
+    form a path from conservative to aggressive, fixed before the tested samples are
+    seen: for one early exit, the data-independent grid :data:`SINGLE_EXIT_PATH`
+    (ascending thresholds; every calibration sample tests); for more, the Pareto
+    frontier of (risk, cost) on a seeded ``path_fraction`` of the samples
+    (:func:`risk_path`, "Pareto testing"), the other samples testing. Each setting's
+    null "risk > ε" gets the exact binomial p-value ``P(Binomial(n, ε) <= losses)``;
+    the walk certifies settings while ``p <= delta`` and stops at the first failure.
+    Of the certified settings the one with the lowest expected cost on all the
+    calibration data is returned. The all-zero setting (nobody leaves early) has risk 0
+    by definition and does not count as certified.
+
+    Args:
+        data: calibration samples (the validation split, or a shadow window).
+        exit_macs: MACs to reach and evaluate each exit (the cost).
+        risk: ``disagreement`` or ``accuracy_drop``.
+        epsilon: the risk budget, in (0, 1).
+        delta: the error probability, in (0, 1); confidence is ``1 - delta``.
+        path_fraction: share of the samples that choose the path (more than one early
+            exit only), in (0, 1).
+        seed: seeds the split between path and test samples.
+        path: an explicit candidate sequence instead (then every sample tests); it must
+            not depend on ``data``.
+        budget: settings of the grid the path is chosen from (more than one early exit).
+        bounds: ``(low, high)`` per early exit: every candidate is clipped into this box
+            before testing (a bounded step from the thresholds in force; the clipping is
+            fixed before the tested samples are seen, so the guarantee is unchanged).
+
+    Raises:
+        NotCertifiable: not even the first setting that lets samples leave early passes.
+        ValueError: bad ε, δ, fraction or risk; ``disagreement`` without predictions.
+    """
+    for label, v in (("epsilon", epsilon), ("delta", delta), ("path_fraction", path_fraction)):
+        if not isinstance(v, int | float) or math.isnan(v) or not 0 < v < 1:
+            raise ValueError(f"{label} must be in (0, 1); got {v!r}")
+    _check(data, exit_macs, [0.0] * (data.num_exits - 1))
+    exit_losses(data, risk)  # fail early on a risk the data cannot support
+    early = data.num_exits - 1
+    if early == 0:
+        raise NotCertifiable("a model with one exit has no early exit to certify")
+    test, path_n = data, 0
+    if path is not None:
+        candidates = [tuple(float(t) for t in p) for p in path]
+        for c in candidates:
+            _check(data, exit_macs, c)
+    elif early == 1:
+        candidates = [(t,) for t in SINGLE_EXIT_PATH]
+    else:
+        perm = torch.randperm(data.num_samples, generator=torch.Generator().manual_seed(seed))
+        path_n = round(path_fraction * data.num_samples)
+        if path_n < 1 or path_n >= data.num_samples:
+            raise NotCertifiable(
+                f"{data.num_samples} calibration sample(s) cannot be split into path and test "
+                "samples"
+            )
+        candidates = risk_path(data.subset(perm[:path_n]), exit_macs, risk, budget=budget)
+        test = data.subset(perm[path_n:])
+    if bounds is not None:
+        if len(bounds) != early:
+            raise ValueError(f"need {early} (low, high) bound(s); got {len(bounds)}")
+        clipped = [
+            tuple(min(max(t, lo), hi) for t, (lo, hi) in zip(c, bounds, strict=True))
+            for c in candidates
+        ]
+        candidates = [c for k, c in enumerate(clipped) if k == 0 or c != clipped[k - 1]]
+    # the trivial start (all zero: nobody leaves early, risk 0) is not a certificate
+    candidates = [c for c in candidates if any(t > 0 for t in c)]
+    passed, counts = fixed_sequence_test(test, candidates, risk=risk, epsilon=epsilon, delta=delta)
+    n = test.num_samples
+    if passed == 0:
+        need = math.ceil(math.log(delta) / math.log1p(-epsilon))
+        raise NotCertifiable(
+            f"no thresholds can be certified: {risk} <= {epsilon:g} with confidence "
+            f"{1 - delta:g} needs at least {need} tested samples even with no loss at all; "
+            f"{n} were tested" + (f" and the first candidate lost {counts[0]}" if counts else "")
+        )
+    # cheapest on all calibration data; ties to the more conservative (earlier) setting
+    macs = torch.tensor([float(m) for m in exit_macs], dtype=torch.float64)
+    cost = [
+        float(torch.tensor(shares, dtype=torch.float64) @ macs)
+        for shares in _path_shares(data, candidates[:passed])
+    ]
+    k = min(range(passed), key=lambda j: (round(cost[j], 6), j))
+    return CertifiedPoint(
+        point=evaluate_thresholds(data, exit_macs, candidates[k]),
+        risk=risk,
+        epsilon=float(epsilon),
+        delta=float(delta),
+        bound=binomial_upper_bound(counts[k], n, delta),
+        empirical_risk=counts[k] / n,
+        p_value=binomial_p_value(counts[k], n, epsilon),
+        tested_samples=n,
+        path_samples=path_n,
+        candidates=len(candidates),
+        passed=passed,
+    )

@@ -1,15 +1,18 @@
 """Checkpoints: a directory holding ``model.safetensors`` and ``manifest.json``.
 
 Loading never unpickles: weights are safetensors, everything else is JSON. The optional
-``calibration.safetensors`` holds per-exit entropies and correctness on the validation
-split, so that a server can re-choose thresholds for another accuracy target without
-re-running the model.
+``calibration.safetensors`` holds per-exit entropies, correctness and predicted classes
+on the validation split, so that a server can re-choose thresholds for another accuracy
+target or risk budget without re-running the model.
 
 Layout (format_version 1)::
 
     <dir>/manifest.json            architecture, classes, input spec, thresholds, metrics
     <dir>/model.safetensors        state dict
-    <dir>/calibration.safetensors  optional: entropy (N, E) f32, correct (N, E) u8
+    <dir>/calibration.safetensors  optional: entropy (N, E) f32, correct (N, E) u8,
+                                   prediction (N, E) i32 (optional inside the file:
+                                   older checkpoints lack it and still load; the
+                                   disagreement risk then says it needs it)
 """
 
 from __future__ import annotations
@@ -133,11 +136,7 @@ def save_checkpoint(
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     _atomic(path / WEIGHTS, lambda p: save_file(state, str(p), metadata={"format": FORMAT}))
     if calibration is not None:
-        tensors = {
-            "entropy": calibration.entropy.float().contiguous(),
-            "correct": calibration.correct.to(torch.uint8).contiguous(),
-        }
-        _atomic(path / CALIBRATION, lambda p: save_file(tensors, str(p)))
+        _write_calibration(path, calibration)
     elif (path / CALIBRATION).exists():
         (path / CALIBRATION).unlink()
     manifest = {
@@ -224,6 +223,44 @@ def load_checkpoint(
     )
 
 
+def save_calibration(path: str | os.PathLike[str], calibration: CalibrationData) -> Path:
+    """Replace only a checkpoint's calibration data (and its summary in the manifest).
+
+    The weights file is not touched, and neither are thresholds, metrics or provenance:
+    this is how calibration data gain fields collected later (per-exit predictions)
+    without re-training or re-writing the network.
+
+    Raises:
+        CheckpointError: the checkpoint does not load, or the data do not fit its model.
+    """
+    path = Path(path)
+    ckpt = load_checkpoint(path)
+    _check_consistency(
+        ckpt.model,
+        ckpt.class_names,
+        ckpt.input_spec,
+        ckpt.thresholds,
+        calibration,
+        where=str(path),
+    )
+    manifest = _read_manifest(path)
+    _write_calibration(path, calibration)
+    manifest["calibration"] = {"file": CALIBRATION, **calibration.summary()}
+    text = json.dumps(manifest, indent=2, allow_nan=False) + "\n"
+    _atomic(path / MANIFEST, lambda p: p.write_text(text))
+    return path
+
+
+def _write_calibration(path: Path, calibration: CalibrationData) -> None:
+    tensors = {
+        "entropy": calibration.entropy.float().contiguous(),
+        "correct": calibration.correct.to(torch.uint8).contiguous(),
+    }
+    if calibration.prediction is not None:
+        tensors["prediction"] = calibration.prediction.to(torch.int32).contiguous()
+    _atomic(path / CALIBRATION, lambda p: save_file(tensors, str(p)))
+
+
 def encode_threshold(t: float) -> float | str:
     """JSON has no infinity: +inf ("everyone leaves here") is written as "inf"."""
     return float(t) if math.isfinite(t) else "inf"
@@ -275,7 +312,12 @@ def _read_calibration(path: Path, where: str) -> CalibrationData:
         raise CheckpointError(f"checkpoint {where}: manifest names {CALIBRATION} but it is missing")
     try:
         tensors = load_file(str(file), device="cpu")
-        return CalibrationData(entropy=tensors["entropy"], correct=tensors["correct"].bool())
+        prediction = tensors.get("prediction")
+        return CalibrationData(
+            entropy=tensors["entropy"],
+            correct=tensors["correct"].bool(),
+            prediction=None if prediction is None else prediction.long(),
+        )
     except (SafetensorError, OSError, KeyError, ValueError) as exc:
         raise CheckpointError(f"checkpoint {where}: cannot read {CALIBRATION}: {exc!r}") from None
 
@@ -311,6 +353,13 @@ def _check_consistency(
             f"checkpoint {where}: calibration data has {calibration.num_exits} exit(s), "
             f"the model {model.num_exits}"
         )
+    if calibration is not None and calibration.prediction is not None:
+        pred = calibration.prediction
+        if int(pred.min()) < 0 or int(pred.max()) >= model.num_classes:
+            raise CheckpointError(
+                f"checkpoint {where}: calibration predictions must be class indices in "
+                f"0..{model.num_classes - 1}"
+            )
 
 
 def _atomic(target: Path, write: Any) -> None:

@@ -15,7 +15,7 @@ from fastapi import FastAPI
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service import __version__
+from service import __version__, autotune, shadow
 from service.errors import error_body, install_error_handlers, is_v2_path
 from service.loading import start_model
 from service.metrics import UNKNOWN_MODEL, Metrics
@@ -66,6 +66,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(admin.router)
     app.include_router(console.router)
     docs.install(app)
+    app.include_router(autotune.router)
     app.add_middleware(LimitsMiddleware, settings=settings, app_ref=app)
     return app
 
@@ -89,6 +90,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     )
     loader = asyncio.create_task(_load_all(app, paths, device), name="load-models")
     poller = asyncio.create_task(_poll_state(app), name="poll-state")
+    tuning = autotune.running(app)
+    await tuning.__aenter__()
     try:
         yield
     finally:
@@ -101,10 +104,12 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         for task in (loader, poller):
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        await tuning.__aexit__(None, None, None)
         served: dict[str, ServedModel] = app.state.models
         for model in served.values():
             if model.batcher is not None:
                 await model.batcher.stop()
+        await asyncio.to_thread(shadow.stop_all, app)
         logger.info("stopped")
 
 
@@ -167,10 +172,12 @@ async def reread_state(app: FastAPI, served: ServedModel) -> bool:
             load_thresholds, settings.state_dir, served.name, served.num_exits
         )
         served.state_mtime_ns = mtime  # a damaged file is reported once, not every poll
+        if saved is not None:
+            autotune.tuner(app).follow(served, saved)
         if saved is None or saved.thresholds == served.thresholds:
             return False
         old = served.thresholds
-        served.set_thresholds(saved.thresholds, source="state")
+        served.set_thresholds(saved.thresholds, source=saved.source or "state")
         app.state.metrics.set_thresholds(served.name, saved.thresholds)
         logger.info(
             "model %r: thresholds %s -> %s (changed in the state folder)",

@@ -218,6 +218,12 @@ class Engine:
             torch.cuda.synchronize(self.device)
 
 
+class AnswerSink(Protocol):
+    """Sees every batch's answers after they are computed (the shadow monitor)."""
+
+    def offer(self, engine: Engine, answers: Sequence[tuple[Tensor, Classified]]) -> None: ...
+
+
 class ModelSource(Protocol):
     """What a batcher reads once per batch: the engine and the thresholds in force."""
 
@@ -270,6 +276,8 @@ class Batcher:
         early_release: answer each image as soon as its exit is decided, not at the end
             of its batch.
     """
+
+    shadow: AnswerSink | None = None  # set by service.shadow.attach
 
     def __init__(
         self,
@@ -521,6 +529,8 @@ class Batcher:
                     )
                 )
             deliver(answers)
+            if self.shadow is not None:  # cheap: samples and queues, never computes here
+                self.shadow.offer(engine, [(item.x, out) for item, out in answers])
 
         engine.run(x, t, release)
         m.inference_duration.labels(name).observe(time.perf_counter() - start)

@@ -17,6 +17,7 @@ from typing import Any
 
 from fastapi import FastAPI
 
+from service import autotune, shadow
 from service.batcher import Batcher, Engine
 from service.metrics import Metrics
 from service.repository import ServedModel, load_engine, public_load_error
@@ -61,7 +62,7 @@ async def start_model(
     source = "checkpoint"
     saved = await asyncio.to_thread(load_thresholds, settings.state_dir, name, engine.num_exits)
     if saved is not None:
-        thresholds, source = saved.thresholds, "state"
+        thresholds, source = saved.thresholds, saved.source or "state"
         logger.info(
             "model %r: thresholds %s restored from the state folder", name, list(thresholds)
         )
@@ -77,6 +78,8 @@ async def start_model(
         early_release=settings.early_release,
     )
     served.batcher.start()
+    shadow.attach(app, served)
+    autotune.tuner(app).register(served, saved)
     ckpt = engine.checkpoint
     metrics.init_model(name, engine.num_exits)
     metrics.set_thresholds(name, thresholds)

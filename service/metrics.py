@@ -10,6 +10,8 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from service.shadow_metrics import ShadowMetrics
+
 # Latency buckets from 50 µs (a tiny model's batch on a GPU) to 10 s (the default deadline).
 LATENCY_BUCKETS = (
     5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2,
@@ -109,6 +111,7 @@ class Metrics:
             ["model"],
             registry=r,
         )
+        self.shadow = ShadowMetrics(r)  # exit fidelity (service.shadow)
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""

@@ -80,7 +80,9 @@ class ModelDetail(BaseModel):
     architecture: str
     num_exits: int
     thresholds: list[Threshold]
-    threshold_source: str = Field(description="checkpoint, state (state folder) or admin.")
+    threshold_source: str = Field(
+        description="checkpoint, admin, autotune, or state (a state file of an older version)."
+    )
     classes: list[str]
     input: dict[str, Any]
     device: str
@@ -114,14 +116,30 @@ class ThresholdUpdate(BaseModel):
     )
     tolerance: StrictFloat | None = Field(default=None, ge=0, le=1)
     target: StrictFloat | None = Field(default=None, ge=0, le=1)
+    max_disagreement: StrictFloat | None = Field(
+        default=None,
+        gt=0,
+        lt=1,
+        description="Certify disagreement with the final exit <= this (fraction).",
+    )
+    max_accuracy_drop: StrictFloat | None = Field(
+        default=None,
+        gt=0,
+        lt=1,
+        description="Certify the accuracy drop against the final exit <= this (fraction).",
+    )
+    confidence: StrictFloat | None = Field(
+        default=None, gt=0, lt=1, description="1 - delta of a certified choice (default 0.95)."
+    )
 
     @model_validator(mode="after")
     def _exactly_one(self) -> ThresholdUpdate:
-        given = [k for k in ("thresholds", "tolerance", "target") if getattr(self, k) is not None]
+        keys = ("thresholds", "tolerance", "target", "max_disagreement", "max_accuracy_drop")
+        given = [k for k in keys if getattr(self, k) is not None]
         if len(given) != 1:
-            raise ValueError(
-                f"give exactly one of thresholds, tolerance, target; got {given or 'none'}"
-            )
+            raise ValueError(f"give exactly one of {', '.join(keys)}; got {given or 'none'}")
+        if self.confidence is not None and given[0] not in keys[3:]:
+            raise ValueError("confidence goes with max_disagreement or max_accuracy_drop only")
         return self
 
 
@@ -135,12 +153,28 @@ class Expected(BaseModel):
     calibration_samples: int
 
 
+class Certificate(BaseModel):
+    """The evidence behind risk-controlled thresholds (``models.certify_thresholds``)."""
+
+    risk: str = Field(description="disagreement or accuracy_drop.")
+    epsilon: float
+    confidence: float
+    certified_bound: float = Field(
+        description="Upper confidence bound of the risk (<= epsilon) from the tested samples."
+    )
+    empirical_risk: float
+    p_value: float
+    tested_samples: int
+    path_samples: int
+
+
 class ThresholdState(BaseModel):
     model: str
     thresholds: list[Threshold]
     source: str
     updated_at: float
     expected: Expected | None = None
+    certificate: Certificate | None = None
 
 
 class ReloadResponse(BaseModel):

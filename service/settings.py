@@ -70,6 +70,21 @@ class Settings(BaseSettings):
         warmup_batches: batches run per model at start-up before ``/readyz`` turns 200.
         graceful_shutdown_s: how long SIGTERM waits for accepted requests to finish.
         log_level: Python logging level name.
+        shadow_rate: share of served images sampled for shadow monitoring (0 = off);
+            sampled early exits are re-run to the final exit off the request path.
+        shadow_queue: shadows waiting per model at most (more are dropped and counted).
+        shadow_window: sampled images in the disagreement estimate's window.
+        shadow_confidence: level of the estimate's upper confidence bound.
+        shadow_budget: disagreement budget exported for the alert rule (and the budget
+            auto-tuning certifies).
+        autotune: auto-tune every model's thresholds from the shadow window (off by
+            default; per model through the admin API).
+        autotune_interval_s: seconds between auto-tuning passes.
+        autotune_min_samples: re-run images the window needs before a pass may change
+            anything.
+        autotune_max_step: largest change of a threshold per pass, in nats.
+        autotune_hysteresis: relative cost change below which certified thresholds in
+            force are kept.
     """
 
     model_config = SettingsConfigDict(env_prefix="BRANCHY_", extra="ignore")
@@ -102,6 +117,16 @@ class Settings(BaseSettings):
     warmup_batches: int = Field(default=2, ge=0, le=100)
     graceful_shutdown_s: float = Field(default=30.0, gt=0)
     log_level: str = "INFO"
+    shadow_rate: float = Field(default=0.01, ge=0, le=1, allow_inf_nan=False)
+    shadow_queue: int = Field(default=256, ge=1, le=1_000_000)
+    shadow_window: int = Field(default=2000, ge=10, le=10_000_000)
+    shadow_confidence: float = Field(default=0.95, gt=0, lt=1)
+    shadow_budget: float = Field(default=0.01, gt=0, lt=1)
+    autotune: bool = False
+    autotune_interval_s: float = Field(default=30.0, ge=0.05, le=86_400)
+    autotune_min_samples: int = Field(default=1000, ge=10)
+    autotune_max_step: float = Field(default=0.25, gt=0, allow_inf_nan=False)
+    autotune_hysteresis: float = Field(default=0.05, ge=0, lt=1)
 
     @field_validator("models", mode="before")
     @classmethod

@@ -21,6 +21,7 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 SUFFIX = ".thresholds.json"
+SOURCES = ("admin", "autotune")  # recorded in the file; older files say nothing
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,8 @@ class SavedThresholds:
     thresholds: tuple[float, ...]
     updated_at: float
     mtime_ns: int
+    source: str | None = None  # who set them: admin or autotune (absent in older files)
+    autotune: bool | None = None  # auto-tuning switched on or off for the model
 
 
 def state_file(state_dir: Path, model: str) -> Path:
@@ -69,7 +72,14 @@ def check_thresholds(values: Any, num_exits: int, *, allow_inf: bool = True) -> 
     return tuple(out)
 
 
-def save_thresholds(state_dir: Path, model: str, thresholds: tuple[float, ...]) -> int:
+def save_thresholds(
+    state_dir: Path,
+    model: str,
+    thresholds: tuple[float, ...],
+    *,
+    source: str | None = None,
+    autotune: bool | None = None,
+) -> int:
     """Write a model's thresholds atomically.
 
     Returns:
@@ -82,6 +92,10 @@ def save_thresholds(state_dir: Path, model: str, thresholds: tuple[float, ...]) 
         "thresholds": [t if math.isfinite(t) else "inf" for t in thresholds],
         "updated_at": time.time(),
     }
+    if source is not None:
+        body["source"] = source
+    if autotune is not None:
+        body["autotune"] = autotune
     fd, tmp = tempfile.mkstemp(dir=state_dir, prefix=f".{target.name}.")
     try:
         with os.fdopen(fd, "w") as f:
@@ -148,12 +162,16 @@ def load_thresholds(state_dir: Path, model: str, num_exits: int) -> SavedThresho
             raise ValueError("not a JSON object")
         thresholds = check_thresholds(body.get("thresholds"), num_exits)
         updated = float(body.get("updated_at", stat.st_mtime))
+        source = body.get("source")
+        source = source if source in SOURCES else None
+        autotune = body.get("autotune")
+        autotune = autotune if isinstance(autotune, bool) else None
     except (ValueError, TypeError) as exc:
         logger.error(
             "damaged threshold state %s (ignored; keeping the current thresholds): %s", path, exc
         )
         return None
-    return SavedThresholds(thresholds, updated, stat.st_mtime_ns)
+    return SavedThresholds(thresholds, updated, stat.st_mtime_ns, source, autotune)
 
 
 def file_mtime_ns(state_dir: Path, model: str) -> int | None:

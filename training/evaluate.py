@@ -259,14 +259,16 @@ def _chunked(model: BranchyNet, x: Tensor, thresholds: list[float]) -> models.Ex
 
 
 def _calibration_on(model: BranchyNet, x: Tensor, labels: Tensor) -> CalibrationData:
-    """Every exit's entropy and correctness on normalised inputs ``x``."""
-    entropies, corrects = [], []
+    """Every exit's entropy, correctness and predicted class on normalised inputs ``x``."""
+    entropies, corrects, predictions = [], [], []
     with torch.no_grad():
         for xs, ys in zip(x.split(1024), labels.split(1024), strict=True):
             outs = [z.float() for z in model(xs)]
             entropies.append(torch.stack([models.entropy_from_logits(z) for z in outs], 1).cpu())
-            corrects.append(torch.stack([z.argmax(1).cpu() == ys for z in outs], 1))
-    return CalibrationData(torch.cat(entropies), torch.cat(corrects))
+            pred = torch.stack([z.argmax(1) for z in outs], 1).cpu()
+            predictions.append(pred)
+            corrects.append(pred == ys[:, None])
+    return CalibrationData(torch.cat(entropies), torch.cat(corrects), torch.cat(predictions))
 
 
 def fine_grid(num_classes: int) -> list[float]:

@@ -367,10 +367,11 @@ def evaluate(
     batch_size: int = 1024,
     channels_last: bool = False,
 ) -> CalibrationData:
-    """Every exit's entropy and correctness on ``split`` (float32 on CPU), in eval mode."""
+    """Every exit's entropy, correctness and predicted class on ``split`` (on the CPU),
+    in eval mode."""
     was_training = model.training
     model.eval()
-    entropies, corrects = [], []
+    entropies, corrects, predictions = [], [], []
     try:
         for images, labels in data_mod.iterate_batches(split, batch_size, shuffle=False):
             x = data_mod.normalize(images.to(device), mean, std)
@@ -379,10 +380,12 @@ def evaluate(
             outs = [z.float() for z in model(x)]
             labels = labels.to(device)
             entropies.append(torch.stack([models.entropy_from_logits(z) for z in outs], 1).cpu())
-            corrects.append(torch.stack([z.argmax(1) == labels for z in outs], 1).cpu())
+            pred = torch.stack([z.argmax(1) for z in outs], 1)
+            predictions.append(pred.cpu())
+            corrects.append((pred == labels[:, None]).cpu())
     finally:
         model.train(was_training)
-    return CalibrationData(torch.cat(entropies), torch.cat(corrects))
+    return CalibrationData(torch.cat(entropies), torch.cat(corrects), torch.cat(predictions))
 
 
 def _autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager[Any]:

@@ -18,6 +18,7 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, ValidationError
 
 from models import choose_thresholds, evaluate_thresholds
+from service import autotune
 from service.deps import MODEL_NAME, AdminDep, ModelDep, SettingsDep
 from service.errors import (
     BadRequest,
@@ -27,6 +28,7 @@ from service.errors import (
     ReloadFailed,
     ValidationFailed,
 )
+from service.fidelity import certify_for, wants_certificate
 from service.inference import encode_thresholds
 from service.jsonbody import JsonLimits, parse_json
 from service.loading import start_model
@@ -106,10 +108,14 @@ async def describe_model(model: ModelDep) -> AdminModelDetail:
 
 @router.put(
     "/models/{name}/thresholds",
-    summary="Set thresholds explicitly, or choose them for an accuracy tolerance/target",
+    summary="Set thresholds explicitly, or choose them for an accuracy tolerance/target "
+    "or a certified risk budget",
     responses={
         **_ERRORS,
-        409: {"description": "No calibration data in the checkpoint (tolerance/target)."},
+        409: {
+            "description": "No calibration data in the checkpoint (tolerance/target), or "
+            "nothing can be certified for max_disagreement/max_accuracy_drop."
+        },
         422: {"description": "Not JSON, over the JSON bounds, invalid values, unreachable target."},
     },
     openapi_extra=_body_doc(ThresholdUpdate),
@@ -118,6 +124,7 @@ async def put_thresholds(
     request: Request, model: ModelDep, settings: SettingsDep
 ) -> ThresholdState:
     body = await read_body(request, ThresholdUpdate)
+    certificate = None
     async with request.app.state.admin_locks[model.name]:
         if body.thresholds is not None:
             try:
@@ -125,18 +132,26 @@ async def put_thresholds(
             except ValueError as exc:
                 raise ValidationFailed(f"invalid thresholds: {exc}") from None
             how = "explicit"
+        elif wants_certificate(body):
+            new, certificate = await asyncio.to_thread(certify_for, model, body)
+            how = f"certified {certificate.risk} <= {certificate.epsilon:g}"
         else:
             new, how = await asyncio.to_thread(_choose, model, body.tolerance, body.target)
         old = model.thresholds
         # Persist first: if the disk write fails, nothing changes and the client learns it.
-        mtime = await asyncio.to_thread(save_thresholds, settings.state_dir, model.name, new)
+        mtime = await asyncio.to_thread(
+            save_thresholds, settings.state_dir, model.name, new, source="admin", autotune=False
+        )
         model.state_mtime_ns = mtime
         model.set_thresholds(new, source="admin")
+        await autotune.tuner(request.app).pin(request.app, model)  # explicit: pinned
         request.app.state.metrics.set_thresholds(model.name, new)
         logger.info(
             "model %r: thresholds %s -> %s (admin, %s)", model.name, list(old), list(new), how
         )
-        return _state(model, await asyncio.to_thread(_expected, model, new))
+        state = _state(model, await asyncio.to_thread(_expected, model, new))
+        state.certificate = certificate
+        return state
 
 
 @router.delete(

@@ -950,6 +950,7 @@ def _synthetic_series() -> list[dict[str, str]]:
         "endpoint": ["classify"],
         "code": ["200"],
         "reason": ["queue_full"],
+        "agree": ["true", "false"],
     }
     values |= {
         "model": ["b-lenet"],

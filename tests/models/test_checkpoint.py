@@ -180,3 +180,52 @@ def test_save_rejects_inconsistent_metadata(tmp_path: Path) -> None:
 def test_load_to_device_string(saved: Path) -> None:
     ck = models.load_checkpoint(saved, device="cpu")
     assert next(ck.model.parameters()).device.type == "cpu"
+
+
+def test_calibration_predictions_round_trip_and_old_files_still_load(tmp_path: Path) -> None:
+    net = models.build_model("b-lenet")
+    n = 40
+    pred = torch.randint(0, 10, (n, 2))
+    data = models.CalibrationData(torch.rand(n, 2), torch.rand(n, 2) > 0.5, pred)
+    path = models.save_checkpoint(
+        tmp_path / "ck", net, class_names=CLASSES, input_spec=SPEC_GREY, calibration=data
+    )
+    back = models.load_checkpoint(path).calibration
+    assert back is not None and back.prediction is not None
+    assert torch.equal(back.prediction, pred) and back.prediction.dtype == torch.int64
+    assert json.loads((path / MANIFEST).read_text())["calibration"]["has_predictions"] is True
+
+    # a calibration file written before predictions were collected: entropy and correct only
+    from safetensors.torch import save_file
+
+    save_file(
+        {"entropy": data.entropy, "correct": data.correct.to(torch.uint8)}, str(path / CALIBRATION)
+    )
+    old = models.load_checkpoint(path).calibration
+    assert old is not None and old.prediction is None
+    assert torch.equal(old.entropy, data.entropy)
+    with pytest.raises(ValueError, match="disagreement risk needs them"):
+        models.certify_thresholds(old, net.exit_macs(), epsilon=0.5, delta=0.5)
+
+
+def test_save_calibration_rewrites_only_the_calibration(saved: Path) -> None:
+    weights = (saved / WEIGHTS).read_bytes()
+    before = json.loads((saved / MANIFEST).read_text())
+    n = 30
+    fresh = models.CalibrationData(
+        torch.rand(n, 3), torch.rand(n, 3) > 0.5, torch.randint(0, 10, (n, 3))
+    )
+    models.save_calibration(saved, fresh)
+    after = json.loads((saved / MANIFEST).read_text())
+    assert (saved / WEIGHTS).read_bytes() == weights
+    assert {k: v for k, v in after.items() if k != "calibration"} == {
+        k: v for k, v in before.items() if k != "calibration"
+    }
+    assert after["calibration"]["num_samples"] == n
+    loaded = models.load_checkpoint(saved).calibration
+    assert loaded is not None and loaded.prediction is not None
+    assert torch.equal(loaded.prediction, fresh.prediction)
+    # predictions must be class indices of the model
+    bad = models.CalibrationData(fresh.entropy, fresh.correct, fresh.prediction + 10)
+    with pytest.raises(models.CheckpointError, match="class indices"):
+        models.save_calibration(saved, bad)

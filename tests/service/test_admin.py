@@ -148,7 +148,7 @@ def test_thresholds_survive_a_restart_and_a_damaged_state_file_is_ignored(
     assert first.put(URL, headers=AUTH, json={"thresholds": [0.25, 0.5]}).status_code == 200
     second = make_client(admin_token=TOKEN)  # a new app on the same state folder
     state = second.get(URL, headers=AUTH).json()
-    assert state["thresholds"] == [0.25, 0.5] and state["source"] == "state"
+    assert state["thresholds"] == [0.25, 0.5] and state["source"] == "admin"
 
     path = state_file(make_settings().state_dir, "b-alexnet")
     damages = [
@@ -175,7 +175,7 @@ def test_replicas_pick_up_threshold_changes(make_client: Callable[..., TestClien
     while b.get(URL, headers=AUTH).json()["thresholds"] != [1000.0, 0.0]:
         assert time.monotonic() < deadline, "replica b never saw the change"
         time.sleep(0.05)
-    assert b.get(URL, headers=AUTH).json()["source"] == "state"
+    assert b.get(URL, headers=AUTH).json()["source"] == "admin"
     assert _classify_exits(b) == [0, 0, 0, 0]
 
 

@@ -257,6 +257,7 @@ def test_openapi_describes_every_route(app_client: TestClient) -> None:
         ("get", "/admin/models/{name}/thresholds"), ("put", "/admin/models/{name}/thresholds"),
         ("delete", "/admin/models/{name}/thresholds"), ("get", "/admin/models/{name}"),
         ("post", "/admin/models/{name}/reload"), ("post", "/admin/models/{name}/load"),
+        ("get", "/admin/models/{name}/autotune"), ("put", "/admin/models/{name}/autotune"),
     }  # fmt: skip
     documented = {(m, p) for p, ops in doc["paths"].items() for m in ops}
     assert documented == contract

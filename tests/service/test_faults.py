@@ -260,7 +260,7 @@ def test_thresholds_survive_a_real_restart(faulty: Faulty, client: httpx.Client)
     faulty.start("server-1.log")
     with httpx.Client(base_url=faulty.url, timeout=TIMEOUT) as c:
         state = c.get("/admin/models/b-lenet/thresholds", headers=AUTH).json()
-        assert state["thresholds"] == [0.123] and state["source"] == "state"
+        assert state["thresholds"] == [0.123] and state["source"] == "admin"
         samples = parse_metrics(c.get("/metrics").text)
         assert metric_total(samples, "branchy_threshold", model="b-lenet", exit="0") == 0.123
         assert c.put(

@@ -76,3 +76,56 @@ def test_tolerance_rule_and_a_baseline_from_another_split_is_refused(
         calibrate.main(["--checkpoint", str(ckpt_dir), "--match-baseline", str(other)])
     with pytest.raises(ValueError, match="plain"):
         calibrate.main(["--checkpoint", str(ckpt_dir), "--match-baseline", str(ckpt_dir)])
+
+
+def test_recollect_adds_predictions_without_touching_weights_or_thresholds(
+    trained: dict[str, Path], tmp_path: Path, mnist_dir: Path
+) -> None:
+    ckpt_dir = tmp_path / "b-lenet"
+    shutil.copytree(trained["b-lenet"], ckpt_dir)
+    # make it look like a checkpoint from before predictions were collected
+    before = models.load_checkpoint(ckpt_dir)
+    assert before.calibration is not None
+    old = models.CalibrationData(before.calibration.entropy, before.calibration.correct)
+    models.save_calibration(ckpt_dir, old)
+    assert models.load_checkpoint(ckpt_dir).calibration.prediction is None
+    weights = (ckpt_dir / "model.safetensors").read_bytes()
+
+    summary = calibrate.main(
+        ["--checkpoint", str(ckpt_dir), "--recollect", "--data-dir", str(mnist_dir)]
+    )
+
+    after = models.load_checkpoint(ckpt_dir)
+    assert summary["has_predictions"] is True
+    assert (ckpt_dir / "model.safetensors").read_bytes() == weights
+    assert after.thresholds == before.thresholds
+    assert torch.equal(after.calibration.entropy, old.entropy)
+    assert torch.equal(after.calibration.prediction, before.calibration.prediction)
+
+    # another split cannot be passed off as this one
+    manifest = json.loads((ckpt_dir / "manifest.json").read_text())
+    manifest["provenance"]["split"]["seed"] = 3
+    (ckpt_dir / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="differs"):
+        calibrate.main(["--checkpoint", str(ckpt_dir), "--recollect", "--data-dir", str(mnist_dir)])
+
+
+def test_certified_rule_sets_the_certified_thresholds(
+    trained: dict[str, Path], tmp_path: Path
+) -> None:
+    ckpt_dir = tmp_path / "b-lenet"
+    shutil.copytree(trained["b-lenet"], ckpt_dir)
+    before = models.load_checkpoint(ckpt_dir)
+    # 200 validation samples: a 1 % budget cannot be certified (needs 299 even with no loss)
+    with pytest.raises(models.NotCertifiable):
+        calibrate.main(["--checkpoint", str(ckpt_dir), "--max-disagreement", "0.01"])
+    out = calibrate.main(
+        ["--checkpoint", str(ckpt_dir), "--max-disagreement", "0.2", "--confidence", "0.9"]
+    )
+    want = models.certify_thresholds(
+        before.calibration, before.model.exit_macs(), epsilon=0.2, delta=0.1
+    )
+    after = models.load_checkpoint(ckpt_dir)
+    assert after.thresholds == pytest.approx(list(want.point.thresholds))
+    assert out["certified_bound"] <= 0.2 and out["risk"] == "disagreement"
+    assert after.metrics["calibration_rule"]["max_disagreement"] == 0.2

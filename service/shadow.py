@@ -1,0 +1,290 @@
+"""Shadow monitoring: is an early exit still answering as the final exit would?
+
+A fraction ``BRANCHY_SHADOW_RATE`` of served images is sampled. A sampled image that
+left early is queued to run on to the final exit, off the request path: a bounded queue
+per model, drained by one low-priority thread (``nice`` 19 on Linux) that runs small
+batches through the network's plain forward (``engine.model``, every exit, the eager
+reference network) and only while the model's batcher has nothing queued. When the queue
+is full the shadow is dropped and counted, so shadows never hold up requests. A sampled
+image that took the final exit agrees by definition and needs no work.
+
+Each model keeps a window of the last ``BRANCHY_SHADOW_WINDOW`` sampled images (early
+and final alike, drops excluded), so the share of disagreements in it estimates the
+*overall* disagreement risk under the thresholds in force, the quantity that
+``models.certify_thresholds`` bounds; its Clopper–Pearson upper bound at
+``BRANCHY_SHADOW_CONFIDENCE`` is exported beside it. The bound is valid when sampling
+(and dropping) is independent of whether an image disagrees.
+
+Metrics: ``branchy_shadow_total{model,exit,agree}``, ``branchy_shadow_dropped_total{model}``,
+``branchy_shadow_disagreement{model}``, ``branchy_shadow_disagreement_upper{model}``,
+``branchy_shadow_window_samples{model}``, ``branchy_shadow_budget{model}`` (the budget the
+alert rule compares with, ``BRANCHY_SHADOW_BUDGET``).
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import os
+import random
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from models import entropy_from_logits
+from models.calibration import binomial_upper_bound
+from service.batcher import Classified, Engine
+from service.shadow_metrics import ShadowMetrics
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class _Job:
+    engine: Engine
+    x: Tensor
+    exit_index: int
+    class_index: int
+
+
+@dataclass(frozen=True)
+class WindowRow:
+    """One sampled image: the exit it took, whether it agreed with the final exit, and
+    (when it was re-run) every exit's entropy and prediction."""
+
+    exit_index: int
+    agree: bool
+    entropy: Tensor | None = None
+    prediction: Tensor | None = None
+
+
+class ShadowMonitor:
+    """One model's shadow.
+
+    Args:
+        name: model name (metric label).
+        metrics: the shadow metrics.
+        rate: share of served images sampled, in [0, 1].
+        busy: true while the model has requests waiting; the worker does not start a
+            shadow batch then.
+        capacity: shadows waiting at most; beyond that they are dropped.
+        window: sampled images kept for the disagreement estimate.
+        confidence: level of the upper bound.
+        budget: exported as ``branchy_shadow_budget`` for the alert rule.
+        batch_size: shadows per forward pass at most (small, so a request that arrives
+            meanwhile waits little for the CPU).
+        seed: seeds the sampling (tests).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        metrics: ShadowMetrics,
+        *,
+        rate: float,
+        busy: Callable[[], bool],
+        capacity: int = 256,
+        window: int = 2000,
+        confidence: float = 0.95,
+        budget: float = 0.01,
+        batch_size: int = 16,
+        seed: int | None = None,
+    ) -> None:
+        self.name = name
+        self.metrics = metrics
+        self.rate = rate
+        self.busy = busy
+        self.capacity = capacity
+        self.confidence = confidence
+        self.batch_size = batch_size
+        self._rng = random.Random(seed)
+        self._jobs: collections.deque[_Job] = collections.deque()
+        self._rows: collections.deque[WindowRow] = collections.deque(maxlen=window)
+        self._lock = threading.Lock()
+        self._wakeup = threading.Condition(self._lock)
+        self._closing = False
+        self._dirty = False  # window rows not yet in the gauges (exported by the worker)
+        self._thread: threading.Thread | None = None
+        # also re-run sampled images that took the final exit (their every-exit entropies
+        # make the window a calibration sample; service.autotune switches it on)
+        self.collect_all = False
+        metrics.budget.labels(name).set(budget)
+        metrics.dropped.labels(name)
+        self._export()
+
+    # ---------------------------------------------------------------- request side
+
+    def offer(self, engine: Engine, answers: Sequence[tuple[Tensor, Classified]]) -> None:
+        """Sample a batch's answers (called by the batch worker: cheap, never blocks)."""
+        if self.rate <= 0 or self._closing:
+            return
+        last = engine.num_exits - 1
+        dropped = 0
+        with self._lock:
+            for x, out in answers:
+                if self.rate < 1 and self._rng.random() >= self.rate:
+                    continue
+                if out.exit_index >= last:
+                    if self.collect_all and len(self._jobs) < self.capacity:
+                        # auto-tuning needs every exit's entropy of these too
+                        self._jobs.append(_Job(engine, x, out.exit_index, out.class_index))
+                    else:
+                        self._rows.append(WindowRow(out.exit_index, True))
+                        self._dirty = True
+                elif len(self._jobs) >= self.capacity:
+                    dropped += 1
+                else:
+                    self._jobs.append(_Job(engine, x, out.exit_index, out.class_index))
+            if self._jobs or self._dirty:
+                self._wakeup.notify()
+        if dropped:
+            self.metrics.dropped.labels(self.name).inc(dropped)
+
+    # ---------------------------------------------------------------- worker
+
+    def start(self) -> None:
+        if self.rate > 0 and self._thread is None:
+            self._thread = threading.Thread(
+                target=self._work, name=f"shadow-{self.name}", daemon=True
+            )
+            self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the worker; shadows still queued are counted as dropped."""
+        with self._lock:
+            self._closing = True
+            self._wakeup.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+        with self._lock:
+            left = len(self._jobs)
+            self._jobs.clear()
+        if left:
+            self.metrics.dropped.labels(self.name).inc(left)
+
+    def _work(self) -> None:
+        with contextlib.suppress(OSError, AttributeError):  # Linux: per-thread niceness
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        while True:
+            with self._lock:
+                while not self._jobs and not self._dirty and not self._closing:
+                    self._wakeup.wait()
+                if self._closing:
+                    return
+                only_rows = not self._jobs
+                self._dirty = False
+            if only_rows:
+                self._export()
+                continue
+            while self.busy() and not self._closing:
+                time.sleep(0.002)  # requests first; the bounded queue drops meanwhile
+            with self._lock:
+                jobs = [self._jobs.popleft() for _ in range(min(self.batch_size, len(self._jobs)))]
+            try:
+                self._run(jobs)
+            except Exception:  # a failed shadow must never take the server down
+                logger.exception("shadow batch of model %r failed; dropped", self.name)
+                self.metrics.dropped.labels(self.name).inc(len(jobs))
+
+    def _run(self, jobs: list[_Job]) -> None:
+        groups: dict[int, list[_Job]] = {}
+        for job in jobs:
+            groups.setdefault(id(job.engine), []).append(job)
+        rows = []
+        for group in groups.values():
+            model = group[0].engine.model  # the plain network: every exit, eager
+            param = next(model.parameters())
+            with torch.inference_mode():
+                x = torch.stack([j.x for j in group]).to(param.device, param.dtype)
+                outs = [z.float() for z in model(x)]
+                entropy = torch.stack([entropy_from_logits(z) for z in outs], 1).cpu()
+                pred = torch.stack([z.argmax(1) for z in outs], 1).cpu()
+            last = group[0].engine.num_exits - 1
+            for k, job in enumerate(group):
+                if job.exit_index >= last:  # collected for auto-tuning: agrees by definition
+                    rows.append(WindowRow(job.exit_index, True, entropy[k], pred[k]))
+                    continue
+                agree = job.class_index == int(pred[k, -1])
+                self.metrics.total.labels(
+                    self.name, str(job.exit_index), "true" if agree else "false"
+                ).inc()
+                rows.append(WindowRow(job.exit_index, agree, entropy[k], pred[k]))
+        with self._lock:
+            self._rows.extend(rows)
+        self._export()
+
+    # ---------------------------------------------------------------- window
+
+    def window(self) -> list[WindowRow]:
+        with self._lock:
+            return list(self._rows)
+
+    def calibration_window(self) -> tuple[Tensor, Tensor] | None:
+        """Every-exit entropies ``(n, E)`` and predictions ``(n, E)`` of the window's
+        re-run images (None when there are none)."""
+        rows = [r for r in self.window() if r.entropy is not None and r.prediction is not None]
+        if not rows:
+            return None
+        widths = {int(r.entropy.shape[0]) for r in rows if r.entropy is not None}
+        if len(widths) != 1:  # a reload changed the exits: keep the newest shape only
+            e = int(rows[-1].entropy.shape[0]) if rows[-1].entropy is not None else 0
+            rows = [r for r in rows if r.entropy is not None and r.entropy.shape[0] == e]
+        entropy = torch.stack([r.entropy for r in rows if r.entropy is not None])
+        pred = torch.stack([r.prediction for r in rows if r.prediction is not None])
+        return entropy, pred
+
+    def clear_window(self) -> None:
+        """Forget the window (after the thresholds change, its rows describe old ones)."""
+        with self._lock:
+            self._rows.clear()
+        self._export()
+
+    def estimate(self) -> tuple[int, int, float, float]:
+        """Samples, disagreements, their share and its upper confidence bound."""
+        with self._lock:
+            n = len(self._rows)
+            k = sum(not r.agree for r in self._rows)
+        if n == 0:
+            return 0, 0, 0.0, 1.0
+        return n, k, k / n, binomial_upper_bound(k, n, 1.0 - self.confidence)
+
+    def _export(self) -> None:
+        n, _, share, upper = self.estimate()
+        self.metrics.samples.labels(self.name).set(n)
+        self.metrics.disagreement.labels(self.name).set(share)
+        self.metrics.upper.labels(self.name).set(upper)
+
+
+def attach(app: Any, served: Any) -> ShadowMonitor | None:
+    """Give a served model a shadow (when the rate is above 0) and start it."""
+    settings = app.state.settings
+    if settings.shadow_rate <= 0 or served.batcher is None:
+        return None
+    batcher = served.batcher
+    monitor = ShadowMonitor(
+        served.name,
+        app.state.metrics.shadow,
+        rate=settings.shadow_rate,
+        busy=lambda: batcher.depth > 0,
+        capacity=settings.shadow_queue,
+        window=settings.shadow_window,
+        confidence=settings.shadow_confidence,
+        budget=settings.shadow_budget,
+    )
+    batcher.shadow = monitor
+    monitor.start()
+    return monitor
+
+
+def stop_all(app: Any) -> None:
+    for served in getattr(app.state, "models", {}).values():
+        monitor = getattr(served.batcher, "shadow", None)
+        if monitor is not None:
+            monitor.stop()
