@@ -19,16 +19,18 @@ off: ``stage(h)``, ``head(h)``, PyTorch's own layers):
 Every variant must give the engine's bits (checked before timing). Times are the
 calling thread's CPU time (``time.thread_time``; with one torch thread all the work runs
 there), so that a machine shared with other jobs, which takes the CPU away for whole
-milliseconds, disturbs them far less than wall-clock times (also recorded, in the JSON,
-as ``wall_*``). Timing interleaves
-all variants within every round, in a new random order each round, and includes the
-engine twice (``engine`` and ``engine-again``) so that the spread of an A/A comparison
-shows the noise. Per round: batch-1 median latency over ``--images`` real test images
-(class-balanced), and batch-256 throughput over ``--batches`` batches; per variant the
-table gives the median over rounds of its ratio to the engine of the same round (``>1``
-= slower without the part, i.e. the part helps) and the range of those ratios.
+milliseconds, disturbs them less than wall-clock times would. The engine runs twice
+(``engine`` and ``engine-again``), so that an A/A comparison
+shows the noise. Within a round every test image (class-balanced, ``--images`` of them)
+runs through every variant back to back, in a new random order per image, then every
+batch of 256 does, so that each variant's time has a partner, the engine's on the same
+input a few milliseconds apart, under nearly the same machine load. The figures are
+medians: per variant its time (batch-1 latency; images per second at batch 256) and the
+median of its paired ratios to the engine (``>1``: slower than the engine, i.e. the part
+it lacks helps), with the quartiles of those ratios and the median of each half of the
+rounds (two independent estimates, a check on the noise).
 
-    .venv/bin/python benchmarks/eager_parts.py --rounds 10 --images 40
+    .venv/bin/python benchmarks/eager_parts.py --rounds 20 --images 20
 """
 
 from __future__ import annotations
@@ -69,10 +71,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--nets", default="zoo/b-lenet,zoo/lenet,zoo/b-alexnet,zoo/alexnet")
     p.add_argument("--data-dir", type=Path, default=None,
                    help="data sets (default: ../shared/data beside the checkout if present)")  # fmt: skip
-    p.add_argument("--rounds", type=int, default=10)
-    p.add_argument("--images", type=int, default=40, help="batch-1 calls per variant and round")
-    p.add_argument("--batches", type=int, default=1, help="batches of 256 per variant and round")
+    p.add_argument("--rounds", type=int, default=20)
+    p.add_argument("--images", type=int, default=20, help="batch-1 calls per variant and round")
+    p.add_argument("--batches", type=int, default=1, help="batches per variant and round")
     p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--variants", default="",
+                   help="comma-separated subset of the ablations (-walk, ..., plain); default all")  # fmt: skip
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "eager-parts.json")
@@ -216,8 +220,10 @@ def main() -> None:
             "engine": (TorchExecutor(net), None),
             "engine-again": (TorchExecutor(net), None),
         }
+        chosen = set(filter(None, args.variants.split(",")))
         for name, parts in variants(net).items():
-            execs[name] = (Ablated(net, parts), parts)
+            if not chosen or name in chosen:
+                execs[name] = (Ablated(net, parts), parts)
         batches = [x[k * args.batch_size : (k + 1) * args.batch_size] for k in range(args.batches)]
         ones = [x[k : k + 1] for k in range(args.images)]
         with torch.no_grad():
@@ -233,52 +239,58 @@ def main() -> None:
                                 raise AssertionError(f"{net.name} {name}: not the engine's bits")
             exits = torch.cat([net.early_exit(b, thresholds).exit_index for b in batches])
             shares = (torch.bincount(exits, minlength=net.num_exits).double() / len(exits)).tolist()
-            lat: dict[str, list[float]] = {n: [] for n in execs}
-            thr: dict[str, list[float]] = {n: [] for n in execs}
-            lat_wall: dict[str, list[float]] = {n: [] for n in execs}
-            thr_wall: dict[str, list[float]] = {n: [] for n in execs}
+            # CPU seconds per call: one[name][round][image], batch[name][round]
+            one: dict[str, list[list[float]]] = {n: [] for n in execs}
+            batch: dict[str, list[float]] = {n: [] for n in execs}
             names = list(execs)
+            for name in names:  # warm every variant once
+                with no_thresholds_for_one(execs[name][1]):
+                    early_exit(execs[name][0], batches[0], thresholds)
             for _ in range(args.rounds):
-                rng.shuffle(names)
                 for name in names:
-                    ex, parts = execs[name]
-                    with no_thresholds_for_one(parts):
-                        early_exit(ex, ones[0], thresholds)  # warm
-                        calls, walls = [], []
-                        for one in ones:
-                            w0, t0 = time.perf_counter(), time.thread_time()
-                            early_exit(ex, one, thresholds)
-                            calls.append(time.thread_time() - t0)
-                            walls.append(time.perf_counter() - w0)
-                        w0, t0 = time.perf_counter(), time.thread_time()
-                        for b in batches:
+                    one[name].append([])
+                for image in ones:
+                    rng.shuffle(names)  # each image runs every variant back to back
+                    for name in names:
+                        ex, parts = execs[name]
+                        with no_thresholds_for_one(parts):
+                            t0 = time.thread_time()
+                            early_exit(ex, image, thresholds)
+                            one[name][-1].append(time.thread_time() - t0)
+                for b in batches:
+                    rng.shuffle(names)
+                    for name in names:
+                        ex, parts = execs[name]
+                        with no_thresholds_for_one(parts):
+                            t0 = time.thread_time()
                             early_exit(ex, b, thresholds)
-                        elapsed, wall = time.thread_time() - t0, time.perf_counter() - w0
-                    lat[name].append(statistics.median(calls))
-                    thr[name].append(sum(b.shape[0] for b in batches) / elapsed)
-                    lat_wall[name].append(statistics.median(walls))
-                    thr_wall[name].append(sum(b.shape[0] for b in batches) / wall)
+                            batch[name].append(time.thread_time() - t0)
         rows = {}
+        half = args.rounds // 2
         for name in execs:
-            # ratio > 1: this variant is slower than the engine of the same round
-            lr = [a / b for a, b in zip(lat[name], lat["engine"], strict=True)]
-            tr = [b / a for a, b in zip(thr[name], thr["engine"], strict=True)]
+            # ratios > 1: this variant took longer than the engine did on the same input
+            # in the same round, i.e. the part it lacks helps
+            r1 = [[v / e for v, e in zip(rv, re_, strict=True)]
+                  for rv, re_ in zip(one[name], one["engine"], strict=True)]  # fmt: skip
+            flat = [r for rs in r1 for r in rs]
+            rb = [v / e for v, e in zip(batch[name], batch["engine"], strict=True)]
+            nb = len(batches)
             rows[name] = {
                 "parts": sorted(execs[name][1]) if execs[name][1] is not None else list(PARTS),
-                "batch1_ms": statistics.median(lat[name]) * 1e3,
-                "batch1_ratio": statistics.median(lr),
-                "batch1_ratio_range": [min(lr), max(lr)],
-                "throughput": statistics.median(thr[name]),
-                "throughput_ratio": statistics.median(tr),
-                "throughput_ratio_range": [min(tr), max(tr)],
-                "wall_batch1_ms": statistics.median(lat_wall[name]) * 1e3,
-                "wall_batch1_ratio": statistics.median(
-                    [a / b for a, b in zip(lat_wall[name], lat_wall["engine"], strict=True)]
-                ),
-                "wall_throughput": statistics.median(thr_wall[name]),
-                "wall_throughput_ratio": statistics.median(
-                    [b / a for a, b in zip(thr_wall[name], thr_wall["engine"], strict=True)]
-                ),
+                "batch1_ms": statistics.median(t for ts in one[name] for t in ts) * 1e3,
+                "batch1_ratio": statistics.median(flat),
+                "batch1_ratio_quartiles": _quartiles(flat),
+                "batch1_ratio_halves": [
+                    statistics.median(r for rs in r1[:half] for r in rs),
+                    statistics.median(r for rs in r1[half:] for r in rs),
+                ],
+                "throughput": args.batch_size / statistics.median(batch[name]),
+                "throughput_ratio": statistics.median(rb),
+                "throughput_ratio_quartiles": _quartiles(rb),
+                "throughput_ratio_halves": [
+                    statistics.median(rb[: half * nb]),
+                    statistics.median(rb[half * nb :]),
+                ],
             }
         results[net.name] = {"checkpoint": path, "exit_shares": shares, "variants": rows}
         print_net(net.name, shares, rows)
@@ -292,6 +304,7 @@ def main() -> None:
         "versions": {"python": platform.python_version(), "torch": torch.__version__},
         "threads": args.threads,
         "rounds": args.rounds,
+        "variants": args.variants or "all",
         "images": args.images,
         "batches": args.batches,
         "batch_size": args.batch_size,
@@ -305,13 +318,21 @@ def main() -> None:
 
 def print_net(name: str, shares: list[float], rows: dict[str, dict[str, Any]]) -> None:
     print(f"\n{name}: exit shares {', '.join(f'{100 * s:.1f}%' for s in shares)}")
-    print(f"{'variant':<14} {'b1 ms':>7} {'×engine':>8} {'range':>13}   "
-          f"{'img/s@256':>9} {'×engine':>8} {'range':>13}")  # fmt: skip
+    print("| variant | b1 ms | ×engine [quartiles] (halves) | img/s@256 | ×engine [quartiles] (halves) |")
+    print("|---|---|---|---|---|")
     for v, r in rows.items():
-        lo, hi = r["batch1_ratio_range"]
-        tlo, thi = r["throughput_ratio_range"]
-        print(f"{v:<14} {r['batch1_ms']:7.3f} {r['batch1_ratio']:8.3f} {lo:6.3f}-{hi:<6.3f}   "
-              f"{r['throughput']:9.0f} {r['throughput_ratio']:8.3f} {tlo:6.3f}-{thi:<6.3f}")  # fmt: skip
+        q1, q3 = r["batch1_ratio_quartiles"]
+        h1, h2 = r["batch1_ratio_halves"]
+        t1, t3 = r["throughput_ratio_quartiles"]
+        g1, g2 = r["throughput_ratio_halves"]
+        print(f"| {v} | {r['batch1_ms']:.3f} | {r['batch1_ratio']:.3f} [{q1:.2f}, {q3:.2f}] "
+              f"({h1:.3f}, {h2:.3f}) | {r['throughput']:,.0f} | {r['throughput_ratio']:.3f} "
+              f"[{t1:.2f}, {t3:.2f}] ({g1:.3f}, {g2:.3f}) |")  # fmt: skip
+
+
+def _quartiles(values: list[float]) -> list[float]:
+    q = statistics.quantiles(values, n=4) if len(values) > 1 else [values[0]] * 3
+    return [q[0], q[2]]
 
 
 def default_data_dir() -> Path:
