@@ -213,7 +213,9 @@ def main() -> None:
         )
         spec = ckpt.input_spec
         x = data_mod.normalize(
-            balanced(test.images, test.labels, need), torch.tensor(spec.mean), torch.tensor(spec.std)
+            balanced(test.images, test.labels, need),
+            torch.tensor(spec.mean),
+            torch.tensor(spec.std),
         )
         thresholds = list(ckpt.thresholds)
         execs: dict[str, tuple[TorchExecutor, frozenset[str] | None]] = {
@@ -318,7 +320,9 @@ def main() -> None:
 
 def print_net(name: str, shares: list[float], rows: dict[str, dict[str, Any]]) -> None:
     print(f"\n{name}: exit shares {', '.join(f'{100 * s:.1f}%' for s in shares)}")
-    print("| variant | b1 ms | ×engine [quartiles] (halves) | img/s@256 | ×engine [quartiles] (halves) |")
+    print(
+        "| variant | b1 ms | ×engine [quartiles] (halves) | img/s@256 | ×engine [quartiles] (halves) |"
+    )
     print("|---|---|---|---|---|")
     for v, r in rows.items():
         q1, q3 = r["batch1_ratio_quartiles"]
