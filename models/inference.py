@@ -29,8 +29,9 @@ Each part was switched off in turn and ``early_exit`` timed against the engine o
 zoo nets, every call paired with the engine's on the same real test image or batch
 (``.venv/bin/python benchmarks/eager_parts.py --rounds 20 --images 20``; AMD EPYC, 2
 cores, AVX2, 1 thread, torch 2.14.1, machine shared with other jobs; the engine against
-itself stayed within ±2 %; figures in ``reports/eager-parts.md``). Rule: keep a part
-that saves at least 5 % on some zoo net at batch 1 or 256. Slowdown without it:
+itself stayed within ±2 % at batch 1 and ±6 % at batch 256; figures in
+``reports/eager-parts.md``). Rule: keep a part that saves at least 5 % on some zoo net
+at batch 1 or 256, beyond that noise. Slowdown without it:
 
 - the walk (and the private hook checks it needs, :func:`global_hooks_active`,
   ``_has_hooks``): LeNet 9 %, B-LeNet 6 % at batch 1 (≈ 0 at batch 256): kept;
