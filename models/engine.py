@@ -235,7 +235,8 @@ class TorchExecutor:
 
     Layers that a head shares with the next stage (:func:`models.inference.shared_prefix`)
     run once; ReLUs run in place on tensors the engine made. Results equal the plain
-    module calls bit for bit.
+    module calls bit for bit. What each of these parts saves is measured by
+    ``benchmarks/eager_parts.py`` (``reports/eager-parts.md``).
 
     Args:
         net: a :class:`models.BranchyNet` in eval mode.

@@ -22,6 +22,29 @@ passed in is never modified.
 
 The walk happens on every call (it is cheap), so replacing a submodule or registering a
 hook later takes effect at once: there is no cached plan to go stale.
+
+Why each part stays (issue 10, item 7). The fast CPU path is ONNX Runtime / OpenVINO
+now, so this module is only for the torch executor: the reference, training and CUDA.
+Each part was switched off in turn and ``early_exit`` timed against the engine on the
+zoo nets, every call paired with the engine's on the same real test image or batch
+(``.venv/bin/python benchmarks/eager_parts.py --rounds 20 --images 20``; AMD EPYC, 2
+cores, AVX2, 1 thread, torch 2.14.1, machine shared with other jobs; the engine against
+itself stayed within ±2 % at batch 1 and ±6 % at batch 256; figures in
+``reports/eager-parts.md``). Rule: keep a part that saves at least 5 % on some zoo net
+at batch 1 or 256, beyond that noise. Slowdown without it:
+
+- the walk (and the private hook checks it needs, :func:`global_hooks_active`,
+  ``_has_hooks``): LeNet 9 %, B-LeNet 6 % at batch 1 (≈ 0 at batch 256): kept;
+- split max-pooling: 16–42 % at batch 256 on all four nets: kept (at batch 1 it cost
+  B-LeNet 6 % on its 4,500-element first pooling, hence the 5,000-element threshold);
+- in-place ReLU: B-AlexNet 12 %, AlexNet 10 % at batch 256 (nothing on LeNet): kept;
+- LRN by slice additions: B-AlexNet 12 % at batch 1 and 19 % at 256, AlexNet 7 % and
+  17 %: kept;
+- shared prefixes (:func:`shared_prefix`, :func:`run_stage`): B-AlexNet 11 % at batch
+  256 (nothing on B-LeNet): kept.
+
+(``models.exits.entropy_of_one`` and ``thresholds_for_one``, the batch-of-one paths of
+the engine, were measured the same way: B-LeNet 5 % and 22 % at batch 1; both kept.)
 """
 
 from __future__ import annotations
@@ -67,12 +90,11 @@ def _max_pool2d(m: nn.MaxPool2d, h: Tensor) -> Tensor:
     return torch.max_pool2d(h, m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode)
 
 
-# Below this many input elements the 2-D kernel's lower fixed cost wins. Measured on the
-# project's 2-core CPU, one image at a time, on LeNet's pooling inputs from real MNIST
-# images (medians, µs, 2-D vs split): 5x30x30 16.7 vs 11.0, 10x17x17 15.9 vs 14.9,
-# 20x11x11 15.4 vs 15.2, 10x15x15 12.3 vs 13.8. The 2-D kernel's comparisons branch on
-# the data, so timing it on one input repeated (no mispredictions) flatters it.
-_SPLIT_POOL_MIN_NUMEL = 4_000
+# Below this many input elements the 2-D kernel's lower fixed cost wins. In the whole
+# engine at batch 1 (benchmarks/eager_parts.py, reports/eager-parts.md) splitting B-LeNet's
+# first pooling (5x30x30 = 4,500 elements) made it about 6 % slower than the 2-D kernel,
+# while AlexNet's (16,384 and more) gained; LeNet's other poolings are below 3,000.
+_SPLIT_POOL_MIN_NUMEL = 5_000
 
 
 def _side(v: object) -> int | None:

@@ -1,7 +1,10 @@
 """``run_module``, the engine's low-overhead way of running stages and heads, gives exactly
 what calling the module gives, and steps aside for hooks, subclasses and odd layers."""
 
+import importlib.util
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -129,6 +132,7 @@ def test_large_cpu_batches_take_the_split_pool(monkeypatch: pytest.MonkeyPatch) 
     pool = nn.MaxPool2d(2, ceil_mode=True)
     with torch.no_grad():
         run_module(pool, torch.randn(1, 10, 15, 15))  # small: the 2-D kernel
+        run_module(pool, torch.randn(1, 5, 30, 30))  # B-LeNet's first, one image: 2-D too
         assert calls == []
         run_module(pool, torch.randn(64, 5, 30, 30))
         assert calls == [((64, 5, 30, 30), 2, 2)]
@@ -243,3 +247,37 @@ def test_engine_gives_the_module_calls_bits(name: str) -> None:
     assert torch.equal(fast.logits, slow.logits) and torch.equal(fast.entropy, slow.entropy)
     if net.num_exits > 1:
         assert len(set(fast.exit_index.tolist())) >= 2
+
+
+def _eager_parts():  # type: ignore[no-untyped-def]
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "eager_parts.py"
+    spec = importlib.util.spec_from_file_location("eager_parts", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["eager_parts"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("name", ["b-lenet", "b-alexnet"])
+def test_the_benchmarks_ablations_give_the_engines_bits(name: str) -> None:
+    # benchmarks/eager_parts.py times the engine with each part switched off; every
+    # variant must compute the same answer, or its timing compares different work
+    bench = _eager_parts()
+    torch.manual_seed(2)
+    net = sharpen_heads(models.build_model(name)).eval()
+    variants = bench.variants(net)
+    assert ("-lrn" in variants) == (name == "b-alexnet") and "plain" in variants
+    x = torch.randn(16, *net.input_shape)
+    with torch.no_grad():
+        outs = net(x)
+    t = [float(models.entropy_from_logits(z).median()) for z in outs[:-1]]
+    for label, parts in variants.items():
+        ex = bench.Ablated(net, parts)
+        for inp in (x, x[:1], x[5:6]):
+            with bench.no_thresholds_for_one(parts):
+                got = models.engine.early_exit(ex, inp, t)
+            want = net.early_exit(inp, t)
+            assert torch.equal(got.exit_index, want.exit_index), label
+            assert torch.equal(got.logits, want.logits), label
+            assert torch.equal(got.entropy, want.entropy), label
