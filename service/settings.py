@@ -60,7 +60,8 @@ class Settings(BaseSettings):
         precision: ``auto`` (fp32), ``fp32`` or ``bf16`` (OpenVINO on CPUs with native
             bf16; thresholds stay the fp32 calibration's).
         early_release: answer each image as soon as its exit is decided, without waiting
-            for the batch's later stages.
+            for the batch's later stages (off by default: on the 2-core CPU it cost
+            throughput and p50, see reports/runtimes/early_release.md).
         half_precision: run the model in float16 (CUDA only).
         compile: wrap stages and heads in ``torch.compile`` (CUDA only).
         torch_threads: intra-op threads of torch in the server process (0 = torch's default,
@@ -110,7 +111,7 @@ class Settings(BaseSettings):
     allow_request_thresholds: bool = True
     runtime: str = "auto"
     precision: str = "auto"
-    early_release: bool = True
+    early_release: bool = False
     half_precision: bool = False
     compile: bool = False
     torch_threads: int = Field(default=0, ge=0, le=1024)
