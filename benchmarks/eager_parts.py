@@ -57,6 +57,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import models  # noqa: E402
+from benchmarks.runtimes import cpu_info  # noqa: E402
 from models import engine, inference  # noqa: E402
 from models.engine import TorchExecutor, _TorchState, early_exit  # noqa: E402
 from models.exits import entropy_from_logits, entropy_of_one  # noqa: E402
@@ -345,13 +346,8 @@ def default_data_dir() -> Path:
 
 
 def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    """The CPU's model name (``/proc/cpuinfo``)."""
+    return str(cpu_info()["model"])
 
 
 if __name__ == "__main__":

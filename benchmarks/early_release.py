@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.load import multipart, test_images  # noqa: E402
+from benchmarks.runtimes import cpu_info  # noqa: E402
 from benchmarks.service_process import ServiceProcess  # noqa: E402
 from models import load_checkpoint  # noqa: E402
 
@@ -159,7 +160,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         "rounds": args.rounds,
         "max_batch_size": args.max_batch_size,
         "max_batch_delay_ms": args.max_batch_delay_ms,
-        "machine": {"cpu": _cpu_model(), "python": platform.python_version()},
+        "machine": {"cpu": cpu_info(), "python": platform.python_version()},
         "early_release": {
             m: summarise(s, seconds, ckpt.model.num_exits) for m, s in samples.items()
         },
@@ -170,14 +171,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     return report
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+def _cpu_text(cpu: dict[str, Any]) -> str:
+    flags = [f for f, on in cpu["flags"].items() if on]
+    return f"{cpu['model']} ({', '.join(flags) or 'no AVX-512/AMX'})"
 
 
 def table(report: dict[str, Any]) -> str:
@@ -189,7 +185,7 @@ def table(report: dict[str, Any]) -> str:
     lines = [
         f"{report['model']} on {report['runtime']['on']}, single-image requests, concurrency "
         f"{report['concurrency']}, {report['rounds']} x {report['seconds_per_round']} s per "
-        f"server; {report['machine']['cpu']}",
+        f"server; {_cpu_text(report['machine']['cpu'])}",
         "",
         head + " |",
         "|" + "---|" * (4 + len(exits)),
