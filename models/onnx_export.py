@@ -277,39 +277,21 @@ def _rename(g: _Graph, value: str, name: str) -> None:
 
 def _segment_layers(net: BranchyNet) -> list[tuple[list[nn.Module], list[nn.Module]]]:
     """Per segment: the trunk layers it runs (shared head prefix included) and the head
-    layers after that prefix."""
+    layers after that prefix.
+
+    The shared prefixes are the eager engine's own (:meth:`BranchyNet.shared_prefixes`):
+    leading parameter-free leaf layers of a head and the next stage, so counting them
+    among the flattened layers gives the same split.
+    """
     stages = [list(_layers(s)) for s in net.stages]
     heads = [list(_layers(h)) for h in net.heads]
     out = []
     skip = 0
-    for i in range(net.num_exits):
-        prefix = _shared_prefix(heads[i], stages[i + 1]) if i + 1 < net.num_exits else 0
+    for i, prefix in enumerate(net.shared_prefixes()):
         trunk = stages[i][skip:] + heads[i][:prefix]
         out.append((trunk, heads[i][prefix:]))
         skip = prefix
     return out
-
-
-def _same_layer(a: nn.Module, b: nn.Module) -> bool:
-    if type(a) is not type(b):
-        return False
-    if type(a) is nn.ReLU:
-        return True
-    keys: tuple[str, ...]
-    if type(a) is nn.MaxPool2d:
-        keys = ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")
-    elif type(a) is nn.LocalResponseNorm:
-        keys = ("size", "alpha", "beta", "k")
-    else:
-        return False  # layers with parameters are never shared
-    return all(getattr(a, k) == getattr(b, k) for k in keys)
-
-
-def _shared_prefix(head: list[nn.Module], next_stage: list[nn.Module]) -> int:
-    k = 0
-    while k < min(len(head), len(next_stage)) and _same_layer(head[k], next_stage[k]):
-        k += 1
-    return k
 
 
 def export_segments(net: BranchyNet) -> list[onnx.ModelProto]:

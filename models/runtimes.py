@@ -95,11 +95,14 @@ class OnnxRuntimeExecutor(_NumpyExecutor):
     Args:
         net: the network (its segments are exported here).
         threads: intra-op threads per session.
+        segments: the exported segments as ONNX bytes (default: exported here).
     """
 
     runtime = "onnxruntime"
 
-    def __init__(self, net: BranchyNet, *, threads: int) -> None:
+    def __init__(
+        self, net: BranchyNet, *, threads: int, segments: Sequence[bytes] | None = None
+    ) -> None:
         super().__init__(net)
         try:
             import onnxruntime as ort
@@ -164,12 +167,20 @@ class OpenVinoExecutor(_NumpyExecutor):
     Args:
         net: the network.
         threads: inference threads per compiled model.
+        segments: the exported segments as ONNX bytes (default: exported here).
         precision: ``fp32`` or ``bf16``.
     """
 
     runtime = "openvino"
 
-    def __init__(self, net: BranchyNet, *, threads: int, precision: str = "fp32") -> None:
+    def __init__(
+        self,
+        net: BranchyNet,
+        *,
+        threads: int,
+        precision: str = "fp32",
+        segments: Sequence[bytes] | None = None,
+    ) -> None:
         super().__init__(net)
         try:
             import openvino as ov
@@ -187,7 +198,7 @@ class OpenVinoExecutor(_NumpyExecutor):
             "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32",
             "ENABLE_CPU_PINNING": False,  # the server's other threads share these cores
         }
-        segments = [m.SerializeToString() for m in export_segments(net)]
+        segments = segments or _serialized(export_segments(net))
         self._compiled = [core.compile_model(core.read_model(m), "CPU", config) for m in segments]
         # A batch of one (the latency case) runs on models compiled for that static
         # shape: 5-12 % faster than the dynamic ones on our CPU (LeNet, AlexNet).
@@ -336,7 +347,29 @@ class EarlyExitEngine:
         return early_exit(self.executor, x, thresholds, release=release)
 
 
-def _build(net: BranchyNet, runtime: str, precision: str, threads: int) -> Executor:
+def _serialized(models: Sequence[Any]) -> list[bytes]:
+    return [m.SerializeToString() for m in models]
+
+
+class _Segments:
+    """The network's segments as ONNX bytes, exported on first use and then shared by
+    every runtime that loads them (``auto`` builds two)."""
+
+    def __init__(self, net: BranchyNet) -> None:
+        self.net = net
+        self._bytes: list[bytes] | None = None
+
+    def __call__(self) -> list[bytes]:
+        if self._bytes is None:
+            from models.onnx_export import export_segments
+
+            self._bytes = _serialized(export_segments(self.net))
+        return self._bytes
+
+
+def _build(
+    net: BranchyNet, runtime: str, precision: str, threads: int, segments: _Segments
+) -> Executor:
     if runtime == "torch":
         if precision != "fp32":
             raise RuntimeUnavailable("the eager CPU engine serves fp32 only")
@@ -344,20 +377,25 @@ def _build(net: BranchyNet, runtime: str, precision: str, threads: int) -> Execu
     if runtime == "onnxruntime":
         if precision != "fp32":
             raise RuntimeUnavailable("ONNX Runtime's CPU provider serves fp32 only here")
-        return OnnxRuntimeExecutor(net, threads=threads)
+        return OnnxRuntimeExecutor(net, threads=threads, segments=segments())
     if runtime == "openvino":
-        return OpenVinoExecutor(net, threads=threads, precision=precision)
+        return OpenVinoExecutor(net, threads=threads, precision=precision, segments=segments())
     raise ValueError(f"unknown runtime {runtime!r}; expected auto or one of {RUNTIMES}")
 
 
 def _try(
-    net: BranchyNet, runtime: str, precision: str, threads: int, probe: Tensor
+    net: BranchyNet,
+    runtime: str,
+    precision: str,
+    threads: int,
+    probe: Tensor,
+    segments: _Segments,
 ) -> tuple[Executor | None, str]:
     """The executor, or None and why not (not installed, export failed, disagrees)."""
     from models.onnx_export import ExportError
 
     try:
-        executor = _build(net, runtime, precision, threads)
+        executor = _build(net, runtime, precision, threads, segments)
     except (RuntimeUnavailable, ExportError) as exc:
         return None, str(exc)
     except Exception as exc:  # a runtime's own failure to compile must not stop loading
@@ -430,8 +468,9 @@ def load_engine(
 
     wanted = "fp32" if precision == "auto" else precision
     probe = _probe(net)
+    segments = _Segments(net)
     if runtime != "auto":
-        executor, why = _try(net, runtime, wanted, threads, probe)
+        executor, why = _try(net, runtime, wanted, threads, probe, segments)
         if executor is None:
             logger.warning(
                 "model %s: runtime %s %s unavailable (%s); falling back to torch fp32",
@@ -450,13 +489,13 @@ def load_engine(
     candidates: dict[str, Executor] = {}
     skipped: list[str] = []
     for rt in RUNTIMES:
-        executor, why = _try(net, rt, wanted, threads, probe)
+        executor, why = _try(net, rt, wanted, threads, probe, segments)
         if executor is None:
             skipped.append(f"{rt}: {why}")
         else:
             candidates[rt] = executor
     if not candidates:  # only possible for an explicit bf16 nobody can serve
-        executor, _ = _try(net, "torch", "fp32", threads, probe)
+        executor, _ = _try(net, "torch", "fp32", threads, probe, segments)
         assert executor is not None
         candidates["torch"] = executor
         skipped.append(f"no runtime serves {wanted}; torch fp32 instead")
