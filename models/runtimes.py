@@ -344,6 +344,9 @@ class EarlyExitEngine:
     ) -> ExitResult:
         """Exactly the contract of :meth:`models.BranchyNet.early_exit` (and ``release``
         as :func:`models.engine.early_exit`)."""
+        own = getattr(self.executor, "early_exit", None)  # CapturedExecutor decides on the device
+        if own is not None:
+            return own(x, thresholds, release=release)
         return early_exit(self.executor, x, thresholds, release=release)
 
 
@@ -431,10 +434,12 @@ def load_engine(
             batch, times the full path of each at batch 1 and ``timing_batch`` (a second
             or so in all), and picks the one with the lowest geometric mean of the two
             times. An explicit runtime that is missing or fails falls back to torch, and
-            the engine's ``reason`` says so.
+            the engine's ``reason`` says so. ``captured``: the torch network at bucketed
+            batch sizes, as CUDA graphs on a GPU (:mod:`models.captured`; eager buckets
+            on the CPU), opt-in while it is unmeasured on a GPU.
         precision: ``auto`` (fp32, see the module docstring), ``fp32`` or ``bf16``.
         device: ``cpu``, or a CUDA device: then the eager engine serves (the CPU
-            runtimes do not run there).
+            runtimes do not run there), or ``captured`` when asked for.
         threads: intra-op threads of the runtimes (default: torch's current setting).
         timing_batch: the larger batch size timed by ``auto``.
         log: where to write the choice (default: this module's logger at INFO).
@@ -447,8 +452,10 @@ def load_engine(
         models.CheckpointError: missing or damaged checkpoint.
         ValueError: unknown runtime or precision.
     """
-    if runtime != "auto" and runtime not in RUNTIMES:
-        raise ValueError(f"unknown runtime {runtime!r}; expected auto or one of {RUNTIMES}")
+    if runtime not in ("auto", "captured", *RUNTIMES):
+        raise ValueError(
+            f"unknown runtime {runtime!r}; expected auto, captured or one of {RUNTIMES}"
+        )
     if precision != "auto" and precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; expected auto or one of {PRECISIONS}")
     checkpoint = path if isinstance(path, Checkpoint) else load_checkpoint(Path(path))
@@ -458,6 +465,8 @@ def load_engine(
     say = log or logger.info
     name = checkpoint.path.name if checkpoint.path is not None else net.name
 
+    if runtime == "captured":
+        return _load_captured(checkpoint, net, device, name, say)
     if device.type != "cpu":
         net.to(device)
         engine = EarlyExitEngine(
@@ -520,4 +529,29 @@ def load_engine(
         reason += "; skipped " + "; ".join(skipped)
     engine = EarlyExitEngine(checkpoint, candidates[best], reason, timings)
     say(f"model {name}: runtime {engine.runtime} {engine.precision} ({reason})")
+    return engine
+
+
+def _load_captured(
+    checkpoint: Checkpoint,
+    net: BranchyNet,
+    device: torch.device,
+    name: str,
+    say: Callable[[str], None],
+) -> EarlyExitEngine:
+    """``load_engine(runtime="captured")``: bucketed segments, CUDA graphs on a GPU,
+    every graph captured here so that no request pays for a capture."""
+    from models.captured import CapturedExecutor
+
+    net.to(device)
+    executor = CapturedExecutor(net)
+    if executor.capture:
+        executor.warm(net.input_shape)
+        reason = (
+            f"asked for captured: {executor.captured} CUDA graphs at buckets {executor.buckets}"
+        )
+    else:
+        reason = f"asked for captured: no CUDA on {device}, buckets {executor.buckets} eagerly"
+    engine = EarlyExitEngine(checkpoint, executor, reason)
+    say(f"model {name}: runtime captured {engine.precision} on {device} ({reason})")
     return engine
