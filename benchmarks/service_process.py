@@ -1,8 +1,9 @@
 """A real ``python -m service`` process on a free loopback port, for the benchmarks.
 
-``load.py`` and ``gpu_service.py`` both measure the server as users run it, in its own
-process; this is the one place that starts, watches and stops it. (The tests have their
-own fixture, ``tests/service/conftest.py``, which benchmarks do not import.)
+``load.py`` and ``gpu/`` (``benchmarks.gpu.service``) both measure the server as users run
+it, in its own process; this is the one place that starts, watches and stops it. (The
+tests have their own fixture, ``tests/service/conftest.py``, which benchmarks do not
+import.)
 """
 
 from __future__ import annotations
