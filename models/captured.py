@@ -179,9 +179,11 @@ class CapturedExecutor:
         key = (i, b, tuple(like.shape[1:]), like.dtype)
         seg = self._segments.get(key)
         if seg is None:
-            x = torch.zeros((b, *like.shape[1:]), dtype=like.dtype, device=like.device)
-            t = torch.zeros((b,), dtype=torch.float32, device=like.device)
-            with torch.no_grad():
+            # Normal tensors even when first called under inference_mode: a buffer made
+            # there could not be written by a later call outside it.
+            with torch.inference_mode(False), torch.no_grad():
+                x = torch.zeros((b, *like.shape[1:]), dtype=like.dtype, device=like.device)
+                t = torch.zeros((b,), dtype=torch.float32, device=like.device)
                 seg = _Segment(self._fn(i), x, t, capture=self.capture and b in self.buckets)
             if b in self.buckets:  # (an oversized batch's buffers are not kept)
                 self._segments[key] = seg

@@ -142,3 +142,12 @@ def test_zoo_agrees_with_the_eager_engine_on_real_test_images() -> None:
         n = xb.shape[0]
         assert torch.equal(got.exit_index, want.exit_index[start : start + n])
         assert torch.equal(got.prediction, want.prediction[start : start + n])
+
+
+def test_buffers_made_under_inference_mode_serve_calls_outside_it() -> None:
+    net = make("b-lenet")
+    cap = CapturedExecutor(net)
+    x = torch.randn(5, *net.input_shape)
+    with torch.inference_mode():  # the service's batcher runs under inference_mode
+        inside = cap.early_exit(x, [0.5])
+    assert_same(cap.early_exit(x, [0.5]), inside)
