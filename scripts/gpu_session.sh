@@ -1,23 +1,36 @@
 #!/usr/bin/env bash
-# Everything this project measures on a GPU, in one run of about 9 minutes: the script
-# given to a rented GPU machine (one H100/H200, a few minutes per task), which receives
-# only the repository. Results land in $OUT as at most 8 files (the transfer's limit).
+# Everything this project measures on a GPU, in one call: the script given to a rented GPU
+# machine (one H100/H200, a few minutes per task), which receives only the repository.
+# Results land in $OUT (at most 8 files, the transfer's limit), copied after every step,
+# so a failure or a timeout still returns what finished. About 4 minutes without the
+# trainings (the default), about 10 with TRAIN=1.
 #
 # Before the call, on the development machine (the data and the service's Python
 # dependencies must travel inside the repository, in git-ignored folders):
 #   python scripts/pack_files.py pack ../shared/data/cifar10 .device-data/cifar10.pack
+#   mkdir -p .device-data/mnist && cp ../shared/data/mnist/t10k-* .device-data/mnist/
 #   pip download ... -d .whl fastapi starlette pydantic ...   (see docs/gpu.md)
 # On the GPU machine (python3 there has torch):
 #   OUT=/some/dir bash scripts/gpu_session.sh
 #
 # Steps: 1. versions and GPU; 2. the service's dependencies from .whl/; 3. CIFAR-10
-# unpacked and checked against the digest in ../shared/data/README.md; 4. ResNet-110 and
-# B-ResNet-110 side by side within TRAIN_BUDGET seconds each; 4a. the B-AlexNet
-# branch-depth ablation (0-4 extra conv layers in the first branch), five side by side
-# within ABLATION_BUDGET seconds each; 4b.
-# ResNet-110 / B-ResNet-110 evaluated on the GPU; 5. the committed AlexNet / B-AlexNet
-# evaluated on the GPU, with the ablation plot; 6. the service on CUDA
-# (benchmarks/gpu_service.py); 7. results packed into $OUT after every step.
+# unpacked and checked against the digest in ../shared/data/README.md, the MNIST test
+# files against ../shared/data/mnist/SHA256SUMS; 4. plain against branchy nets on the
+# eager and the captured engine, and the captured engine's answers
+# (python -m benchmarks.gpu.engines); 5. stage-level batching under a simulated stream
+# (benchmarks/stage_pool.py); 6. the service on CUDA (python -m benchmarks.gpu.service:
+# served answers, half precision, torch.compile, the real out-of-memory split, served
+# throughput and latency); with TRAIN=1 only: 7. ResNet-110 and B-ResNet-110 side by
+# side within TRAIN_BUDGET seconds each; 7a. the B-AlexNet branch-depth ablation (0-4
+# extra conv layers in the first branch) within ABLATION_BUDGET seconds each; 7b.
+# ResNet-110 / B-ResNet-110 evaluated on the GPU; 7c. the committed AlexNet / B-AlexNet
+# evaluated on the GPU, with the ablation plot; 8. $OUT/gpu-latest.json (python -m
+# benchmarks.gpu.summary, also rewritten after every step; commit it as
+# reports/gpu-latest.json).
+#
+# A CPU dry run (tests/test_gpu_session.py) sets DEVICE=cpu, a small PACK and its
+# CIFAR_DIGEST, MNIST_DIR, and small ENGINE_ARGS, POOL_ARGS and SERVICE_ARGS (SERVICE=0
+# skips step 6).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:?set OUT to the folder for the results}"
@@ -27,6 +40,8 @@ ABLATION_BUDGET="${ABLATION_BUDGET:-100}"
 RUNS="${RUNS:-/tmp/gpu-session}"
 DEVICE="${DEVICE:-cuda}"  # DEVICE=cpu with a small PACK: a dry run of this script
 PACK="${PACK:-.device-data/cifar10.pack}"
+MNIST_DIR="${MNIST_DIR:-.device-data/mnist}"
+TRAIN="${TRAIN:-0}"
 CIFAR_DIGEST="${CIFAR_DIGEST:-f10d4c9e536a564f17fa5e8d68ba087d1235e60cd1f21700e11ff43f0647bbb0}"
 mkdir -p "$OUT" "$RUNS"
 exec > >(tee "$OUT/session.log") 2>&1
@@ -57,22 +72,57 @@ digest=$(cd "$BRANCHY_DATA_DIR/cifar10" && find train test -type f -name '*.jpg'
     | LC_ALL=C sort | xargs sha256sum | sha256sum | cut -d' ' -f1)
 echo "cifar10 digest $digest"
 [[ $digest == "$CIFAR_DIGEST" ]] || { echo "CIFAR-10 differs from the shared copy"; exit 1; }
+mkdir -p "$BRANCHY_DATA_DIR/mnist"
+cp "$MNIST_DIR"/t10k-images-idx3-ubyte.gz "$MNIST_DIR"/t10k-labels-idx1-ubyte.gz \
+    "$BRANCHY_DATA_DIR/mnist/" || failed+=(mnist)
+(cd "$BRANCHY_DATA_DIR/mnist" && sha256sum -c - <<'SUMS'
+cfeddb84311ecf044fc6a5b0f6ee8a24d265d4e83e388400186eb114082f4209  t10k-images-idx3-ubyte.gz
+e41c74e484045d39b462a7790a4af51301bd9b0b24f0154798d713ec68c45920  t10k-labels-idx1-ubyte.gz
+SUMS
+) || failed+=(mnist)
 
+summary() {  # $OUT/gpu-latest.json from whatever the steps have written so far
+    "$PY" -m benchmarks.gpu.summary --engines "$RUNS/engines.json" \
+        --service "$RUNS/service/gpu_service.json" --stage-pool "$RUNS/stage_pool.json" \
+        --out "$OUT/gpu-latest.json" >/dev/null
+}
 collect() {  # what has been produced so far into $OUT (it comes back even on a timeout)
-    cp "$RUNS/service/gpu_service.json" "$OUT/" 2>/dev/null
-    (cd "$RUNS" && tar -czf "$OUT/reports.tar.gz" --exclude='*.safetensors' --exclude=cache \
-        --exclude=data --exclude='work-*' --exclude='last.pt' $(ls -d resnet ablation \
-        report-* service 2>/dev/null)) || true
+    cp "$RUNS/service/gpu_service.json" "$RUNS/engines.json" "$RUNS/stage_pool.json" \
+        "$OUT/" 2>/dev/null
+    summary
+    local dirs
+    dirs=$(cd "$RUNS" && ls -d resnet ablation report-* service 2>/dev/null)
+    [[ -z $dirs ]] || (cd "$RUNS" && tar -czf "$OUT/reports.tar.gz" --exclude='*.safetensors' \
+        --exclude=cache --exclude=data --exclude='work-*' --exclude='last.pt' $dirs) || true
 }
 
-step "4. ResNet-110 and B-ResNet-110 side by side (budget ${TRAIN_BUDGET} s each)"
+step "4. plain against branchy nets, eager and captured engines"
+"$PY" -m benchmarks.gpu.engines --zoo zoo --data-dir "$BRANCHY_DATA_DIR" --device "$DEVICE" \
+    --cache-dir "$RUNS/cache" --out "$RUNS/engines.json" ${ENGINE_ARGS:-} || failed+=(engines)
+collect
+
+step "5. stage-level batching under a simulated stream"
+"$PY" benchmarks/stage_pool.py --model-dir zoo/b-alexnet --data-dir "$BRANCHY_DATA_DIR" \
+    --device "$DEVICE" --cache-dir "$RUNS/cache" --out "$RUNS/stage_pool.json" \
+    ${POOL_ARGS:---images 8192 --batch 16 --target 256 --rounds 5} || failed+=(stage-pool)
+collect
+
+if [[ ${SERVICE:-1} == 1 ]]; then  # SERVICE=0: the short dry run skips the servers
+step "6. the service on CUDA"
+"$PY" -m benchmarks.gpu.service --zoo zoo --data-dir "$BRANCHY_DATA_DIR" \
+    --out "$RUNS/service" --device "$DEVICE" ${SERVICE_ARGS:-} || failed+=(service)
+collect
+fi
+
+if [[ $TRAIN == 1 ]]; then
+step "7. ResNet-110 and B-ResNet-110 side by side (budget ${TRAIN_BUDGET} s each)"
 PY="$PY" RUNS="$RUNS/resnet" TIME_BUDGET="$TRAIN_BUDGET" DEVICE="$DEVICE" EVALUATE=0 \
     bash scripts/gpu_train_resnet110.sh || failed+=(resnet-training)
 collect
 
 # Seven trainings side by side (this ablation alongside the pair) slowed each ResNet-110
 # epoch from 5-6 s to 17-20 s on the H200, so the ablation runs after the pair.
-step "4a. B-AlexNet with 0-4 extra conv layers in its first branch (budget ${ABLATION_BUDGET} s each)"
+step "7a. B-AlexNet with 0-4 extra conv layers in its first branch (budget ${ABLATION_BUDGET} s each)"
 read -r -a extra <<<"${EXTRA_TRAIN_ARGS:-}"
 mkdir -p "$RUNS/ablation"
 ablation_pids=()
@@ -89,27 +139,27 @@ for pid in "${ablation_pids[@]}"; do wait "$pid" || failed+=(ablation-training);
 tail -n 2 "$RUNS"/ablation/k*.log
 collect
 
-step "4b. ResNet-110 / B-ResNet-110 on the GPU"
+step "7b. ResNet-110 / B-ResNet-110 on the GPU"
 "$PY" -m training.evaluate --checkpoint "$RUNS/resnet/b-resnet110" \
     --baseline "$RUNS/resnet/resnet110" --device "$DEVICE" --latency-samples 1000 \
     --repeats 3 --cache-dir "$RUNS/resnet/cache" --out "$RUNS/report-b-resnet110-gpu" \
     || failed+=(resnet-evaluate)
 collect
 
-step "5. AlexNet / B-AlexNet (committed zoo) on the GPU, with the ablation"
+step "7c. AlexNet / B-AlexNet (committed zoo) on the GPU, with the ablation"
 "$PY" -m training.evaluate --checkpoint zoo/b-alexnet --baseline zoo/alexnet --device "$DEVICE" \
     --latency-samples 2000 --repeats 3 --cache-dir "$RUNS/resnet/cache" \
     --ablation $(ls -d "$RUNS"/ablation/b-alexnet-k* 2>/dev/null) \
     --out "$RUNS/report-b-alexnet-gpu" || failed+=(alexnet-evaluate)
 collect
 
-step "6. the service on CUDA"
-"$PY" benchmarks/gpu_service.py --zoo zoo --data-dir "$BRANCHY_DATA_DIR" \
-    --out "$RUNS/service" --device "$DEVICE" ${SERVICE_ARGS:-} || failed+=(service)
-collect
+fi
 
-step "7. results"
+step "8. results"
 collect
+"$PY" -m benchmarks.gpu.summary --engines "$RUNS/engines.json" \
+    --service "$RUNS/service/gpu_service.json" --stage-pool "$RUNS/stage_pool.json" \
+    --out "$OUT/gpu-latest.json" || failed+=(summary)
 for m in resnet110 b-resnet110; do
     [[ -d $RUNS/resnet/$m ]] && tar -cf "$OUT/$m.tar" -C "$RUNS/resnet" "$m"
 done
