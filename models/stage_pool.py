@@ -43,8 +43,8 @@ class _Waiting:
     """Samples of one batch waiting for segment ``i``."""
 
     state: CapturedState
-    ticket: Tensor  # (k,) int64 ticket of each sample's batch
-    position: Tensor  # (k,) int64 row in that batch
+    ticket: Tensor  # (k,) int64 ticket of each sample's batch, on the host
+    position: Tensor  # (k,) int64 row in that batch, on the host
     thresholds: Tensor  # (k, num_exits - 1)
     since: float  # when the batch was submitted
 
@@ -130,8 +130,10 @@ class StagePool:
         if n == 0:
             self._close(ticket)
             return ticket
-        tickets = torch.full((n,), ticket, dtype=torch.int64, device=device)
-        positions = torch.arange(n, device=device)
+        # Bookkeeping stays on the host, so that sorting answers out by batch needs no
+        # device synchronisation beyond the one mask per exit.
+        tickets = torch.full((n,), ticket, dtype=torch.int64)
+        positions = torch.arange(n)
         self._queues[0].append(_Waiting(ex.begin(x), tickets, positions, t, self.clock()))
         self._run(0, self._queues[0], limit=n)  # the whole batch, as its batcher cut it
         self.run_due()
@@ -169,8 +171,8 @@ class StagePool:
                 taken.append(q.popleft())
                 count += w.state.n
             else:
-                head = torch.arange(room, device=w.ticket.device)
-                rest = torch.arange(room, w.state.n, device=w.ticket.device)
+                head = torch.arange(room, device=w.thresholds.device)
+                rest = torch.arange(room, w.state.n, device=w.thresholds.device)
                 taken.append(_Waiting(self.executor.take(w.state, head), w.ticket[:room],
                                       w.position[:room], w.thresholds[:room], w.since))  # fmt: skip
                 q[0] = _Waiting(self.executor.take(w.state, rest), w.ticket[room:],
@@ -189,22 +191,25 @@ class StagePool:
             self._answer(ticket, position, i, z, e)
             return
         leave = (e < t[:, i]).cpu()  # the one device-to-host copy of this exit
-        rows = leave.nonzero().squeeze(1).to(ticket.device)
-        stay = (~leave).nonzero().squeeze(1).to(ticket.device)
+        rows, stay = leave.nonzero().squeeze(1), (~leave).nonzero().squeeze(1)
         if rows.numel():
-            self._answer(ticket[rows], position[rows], i, z[rows], e[rows])
+            r = rows.to(z.device, non_blocking=True)
+            self._answer(ticket[rows], position[rows], i, z[r], e[r])
         if stay.numel():
+            s = stay.to(t.device, non_blocking=True)
             # take() copies the rows: on CUDA `nxt` is a graph's static output, which
             # the next replay of that graph overwrites while these samples wait
-            nxt = ex.take(nxt, stay)
-            self._queues[i + 1].append(_Waiting(nxt, ticket[stay], position[stay], t[stay], since))
+            nxt = ex.take(nxt, s)
+            self._queues[i + 1].append(_Waiting(nxt, ticket[stay], position[stay], t[s], since))
 
     def _answer(self, ticket: Tensor, position: Tensor, i: int, z: Tensor, e: Tensor) -> None:
+        # ticket, position: host tensors; z, e: on the device
         for tk in ticket.unique().tolist():
             mine = (ticket == tk).nonzero().squeeze(1)
             o = self._open[tk]
-            p = position[mine]
-            o.logits[p], o.entropy[p], o.exit_index[p] = z[mine], e[mine], i
+            p = position[mine].to(z.device, non_blocking=True)
+            m = mine.to(z.device, non_blocking=True)
+            o.logits[p], o.entropy[p], o.exit_index[p] = z[m], e[m], i
             o.missing -= int(mine.numel())
             if o.missing == 0:
                 self._close(tk)
