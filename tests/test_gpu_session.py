@@ -23,7 +23,7 @@ from benchmarks.gpu.summary import KEYS
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
 
-pytestmark = pytest.mark.skipif(
+needs_data = pytest.mark.skipif(
     not (DATA / "cifar10" / "test").is_dir() or not (DATA / "mnist").is_dir(),
     reason="../shared/data (CIFAR-10 and MNIST) is not there",
 )
@@ -89,6 +89,7 @@ def _check_measured(summary: dict, keys: tuple[str, ...]) -> None:
     assert summary["answers_agree"] == 1.0
 
 
+@needs_data
 def test_short_dry_run_writes_every_engine_key_and_names_what_it_skipped(
     tmp_path: Path,
 ) -> None:
@@ -102,6 +103,7 @@ def test_short_dry_run_writes_every_engine_key_and_names_what_it_skipped(
     assert "cifar10 digest" in log and "t10k-labels-idx1-ubyte.gz: OK" in log
 
 
+@needs_data
 @pytest.mark.slow
 def test_full_dry_run_measures_every_key(tmp_path: Path) -> None:
     summary, _ = _dry_run(tmp_path, service=True)
@@ -109,3 +111,34 @@ def test_full_dry_run_measures_every_key(tmp_path: Path) -> None:
     # a real CUDA out-of-memory error cannot happen on the CPU: never claimed there
     assert summary["oom_split_verified"] is False and summary["oom_split_status"] == "skipped"
     assert summary["missing"] == []
+
+
+def test_summary_counts_what_finished_and_names_what_did_not(tmp_path: Path) -> None:
+    engines = {
+        "environment": {"device": "cuda:0", "gpu": "NVIDIA H200"},
+        "alexnet": {
+            "images": 100,
+            "answers_same": 99,
+            "captured": {"throughput_gain": 1.3, "latency_gain": 0.9},
+            "eager": {"throughput_gain": 0.4, "latency_gain": 0.8},
+        },
+        "lenet": {"error": "FileNotFoundError: no MNIST test images"},
+    }
+    (tmp_path / "engines.json").write_text(json.dumps(engines))
+    out = tmp_path / "gpu-latest.json"
+    subprocess.run(
+        [sys.executable, "-m", "benchmarks.gpu.summary", "--engines", str(tmp_path / "engines.json"),
+         "--service", str(tmp_path / "absent.json"), "--out", str(out)],
+        cwd=ROOT, check=True, capture_output=True,
+    )  # fmt: skip
+    summary = json.loads(out.read_text())
+    assert summary["device"] == "NVIDIA H200"
+    assert summary["b_alexnet_vs_alexnet_throughput"] == 1.3
+    assert summary["answers_agree"] == 0.99 and summary["answers_agree_nets"] == ["b-alexnet"]
+    assert summary["missing"] == [
+        "b_lenet_vs_lenet_throughput", "b_lenet_vs_lenet_latency",
+        "served_vs_inprocess_throughput", "oom_split_verified",
+    ]  # fmt: skip
+    assert summary["goals"]["b_alexnet_vs_alexnet_throughput"]["met"] is True
+    assert summary["goals"]["b_alexnet_vs_alexnet_latency"]["met"] is False
+    assert summary["goals"]["b_lenet_vs_lenet_throughput"]["met"] is None

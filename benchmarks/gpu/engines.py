@@ -150,7 +150,12 @@ def main(argv: list[str] | None = None) -> int:
     out: dict[str, Any] = {"environment": environment(args.device), "args": vars(args).copy()}
     out["args"] = {k: str(v) for k, v in out["args"].items()}
     for pair in PAIRS:
-        out[pair] = measure_pair(pair, args, device, sync)
+        try:
+            out[pair] = measure_pair(pair, args, device, sync)
+        except Exception as exc:  # e.g. no MNIST in the tree: the other pair still counts
+            out[pair] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+            print(f"{pair}: failed: {out[pair]['error']}")
+            continue
         for engine in ENGINES:
             r = out[pair][engine]
             print(f"{pair} {engine}: throughput gain {r['throughput_gain']:.3f}x "
@@ -161,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     out["wall_s"] = round(time.monotonic() - start, 1)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=2) + "\n")
-    return 0
+    return 1 if any("error" in out[pair] for pair in PAIRS) else 0
 
 
 if __name__ == "__main__":

@@ -88,12 +88,16 @@ def summarize(
     out["served_vs_inprocess_throughput"] = _get(
         service, "checks", "throughput", "served_over_inprocess"
     )
-    same = [_get(engines, p, "answers_same") for p in ("alexnet", "lenet")]
-    count = [_get(engines, p, "images") for p in ("alexnet", "lenet")]
-    if all(isinstance(v, int) for v in same + count) and sum(count):
-        out["answers_agree"] = sum(same) / sum(count)
-    else:
-        out["answers_agree"] = None
+    # over the pairs whose step finished (both, normally)
+    counted = [
+        p
+        for p in ("alexnet", "lenet")
+        if isinstance(_get(engines, p, "answers_same"), int) and _get(engines, p, "images")
+    ]
+    same = sum(_get(engines, p, "answers_same") for p in counted)
+    count = sum(_get(engines, p, "images") for p in counted)
+    out["answers_agree"] = same / count if counted else None
+    out["answers_agree_nets"] = [f"b-{p}" for p in counted]
     oom = _get(service, "checks", "oom_split", "status")
     out["oom_split_verified"] = None if oom is None else oom == "pass"
     out["oom_split_status"] = oom
