@@ -16,9 +16,9 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.service import badimages as bad
 from tests.service.conftest import TOKEN, ServerProcess, running_server
-from tests.service.reliability_support import (
+from testsupport import badimages as bad
+from testsupport.reliability import (
     assert_error,
     error_of,
     metric_total,

@@ -20,9 +20,9 @@ import httpx
 import psutil
 import pytest
 
-from tests.service import badimages as bad
 from tests.service.conftest import ServerProcess, running_server
-from tests.service.reliability_support import assert_error, metric_total, parse_metrics
+from testsupport import badimages as bad
+from testsupport.reliability import assert_error, metric_total, parse_metrics
 
 LENET = bad.Target("b-lenet", 1, 28, 28, 1)
 TIMEOUT = httpx.Timeout(30.0)
