@@ -69,7 +69,7 @@ import models  # noqa: E402
 from models.engine import Executor  # noqa: E402
 from models.runtimes import EarlyExitEngine, openvino_has_bf16  # noqa: E402
 from training import data as data_mod  # noqa: E402
-from training.train import git_commit, machine_info  # noqa: E402
+from training.provenance import git_commit, machine_info  # noqa: E402
 
 # (runtime, precision) that the benchmark asks load_engine for, when installed/supported
 CANDIDATES = (

@@ -23,7 +23,7 @@ def trained(mnist_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[s
             "--val-size", "200", "--batch-size", "64", "--threads", "1", "--no-progress",
             "--epochs", "1", "--out", str(root / name), "--work-dir", str(root / f"{name}-w"),
         ]  # fmt: skip
-        path = train.main(train.get_args_parser().parse_args(argv))
+        path = train.main(train.parse_config(argv))
         assert path is not None
         out[name] = path
     return out
