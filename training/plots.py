@@ -1,21 +1,22 @@
-"""The evaluation's PNG figures, drawn from a finished report (``training.report``)."""
+"""The evaluation's PNG figures, drawn from a finished report (``training.report``).
+
+Each figure is one function that draws on its axes; :func:`write_plots` makes the figure,
+saves and closes it.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+Report = dict[str, Any]
 
-def write_plots(report: dict[str, Any], out: Path) -> list[str]:
-    """PNG figures; returns their file names."""
-    import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = []
+def threshold_exit_share(report: Report, axes: Any) -> None:
+    """The seed's figure: first-exit threshold vs the share leaving there."""
+    (ax,) = axes
     curve = report["first_exit_curve"]
-    fig, ax = plt.subplots(figsize=(5, 3.5))
     ax.semilogx(
         [r["threshold"] for r in curve], [100 * r["exit0_share"] for r in curve], "o-", ms=3
     )
@@ -23,12 +24,11 @@ def write_plots(report: dict[str, Any], out: Path) -> list[str]:
     ax.set_ylabel("samples leaving at exit 1 (%)")
     ax.set_title(f"{report['branchy']['name']}: T1 vs exit share (later early exits off)")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out / "threshold_exit_share.png", dpi=120)
-    plt.close(fig)
-    names.append("threshold_exit_share.png")
 
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+
+def accuracy_vs_cost(report: Report, axes: Any) -> None:
+    """Sweep points, the frontier, the chosen point and the baseline's accuracy."""
+    (ax,) = axes
     pts = report["sweeps"]["original"]
     ax.scatter([p["relative_cost"] for p in pts], [100 * p["accuracy"] for p in pts], s=6,
                alpha=0.4, label="original grid")  # fmt: skip
@@ -44,14 +44,11 @@ def write_plots(report: dict[str, Any], out: Path) -> list[str]:
     ax.set_ylabel("test accuracy (%)")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out / "accuracy_vs_cost.png", dpi=120)
-    plt.close(fig)
-    names.append("accuracy_vs_cost.png")
 
-    ents = b["entropy"]
-    fig, axes = plt.subplots(1, len(ents), figsize=(3.2 * len(ents), 3), squeeze=False)
-    for ax, e in zip(axes[0], ents, strict=True):
+
+def entropy_hist(report: Report, axes: Any) -> None:
+    """Per exit, the entropies of right and wrong answers (log counts)."""
+    for ax, e in zip(axes, report["branchy"]["entropy"], strict=True):
         edges = e["bin_edges"]
         width = edges[1] - edges[0]
         ax.bar(edges[:-1], e["hist_correct"], width=width, align="edge", alpha=0.6, label="right")
@@ -59,24 +56,44 @@ def write_plots(report: dict[str, Any], out: Path) -> list[str]:
         ax.set_yscale("log")
         ax.set_title(f"exit {e['exit']}")
         ax.set_xlabel("entropy (nats)")
-    axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "entropy_hist.png", dpi=120)
-    plt.close(fig)
-    names.append("entropy_hist.png")
+    axes[0].legend(fontsize=7)
 
+
+def ablation(report: Report, axes: Any) -> None:
+    """Test accuracy against the number of extra conv layers in B-AlexNet's first branch."""
+    (ax,) = axes
+    ab = sorted(report["ablation"], key=lambda r: r["b1_extra_convs"])
+    k = [r["b1_extra_convs"] for r in ab]
+    ax.plot(k, [100 * r["accuracy"] for r in ab], "o-", label="calibrated thresholds")
+    ax.plot(k, [100 * r["exit_accuracy"][-1] for r in ab], "s--", label="final exit")
+    ax.set_xlabel("extra conv layers in B1")
+    ax.set_ylabel("test accuracy (%)")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+
+
+def write_plots(report: Report, out: Path) -> list[str]:
+    """Draw every figure the report has data for into ``out``; returns the file names."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    exits = len(report["branchy"]["entropy"])
+    # (file name, panels, figure size, drawer)
+    figures: list[tuple[str, int, tuple[float, float], Callable[[Report, Any], None]]] = [
+        ("threshold_exit_share.png", 1, (5, 3.5), threshold_exit_share),
+        ("accuracy_vs_cost.png", 1, (5, 3.5), accuracy_vs_cost),
+        ("entropy_hist.png", exits, (3.2 * exits, 3), entropy_hist),
+    ]
     if report["ablation"]:
-        ab = sorted(report["ablation"], key=lambda r: r["b1_extra_convs"])
-        fig, ax = plt.subplots(figsize=(5, 3.5))
-        k = [r["b1_extra_convs"] for r in ab]
-        ax.plot(k, [100 * r["accuracy"] for r in ab], "o-", label="calibrated thresholds")
-        ax.plot(k, [100 * r["exit_accuracy"][-1] for r in ab], "s--", label="final exit")
-        ax.set_xlabel("extra conv layers in B1")
-        ax.set_ylabel("test accuracy (%)")
-        ax.legend(fontsize=7)
-        ax.grid(alpha=0.3)
+        figures.append(("ablation.png", 1, (5, 3.5), ablation))
+    names = []
+    for name, panels, size, draw in figures:
+        fig, axes = plt.subplots(1, panels, figsize=size, squeeze=False)
+        draw(report, list(axes[0]))
         fig.tight_layout()
-        fig.savefig(out / "ablation.png", dpi=120)
+        fig.savefig(out / name, dpi=120)
         plt.close(fig)
-        names.append("ablation.png")
+        names.append(name)
     return names
