@@ -4,7 +4,7 @@ next valid request succeeds, nothing 5xx, nothing hangs, no worker dies.
 All cases go to one real server process (``python -m service``), so a crash in a decoder
 (a segfault would take pytest down with an in-process app) shows up as a dead process
 and failing requests, and the server's log can be searched for unhandled errors.
-The cases themselves are generated in ``tests/service/badimages.py``.
+The cases themselves are generated in ``testsupport/badimages.py``.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Faults and security (issue 5), against a real server process with the fault-injection
-seam (``tests/service/hooked_server.py``):
+seam (``testsupport/hooked_server.py``):
 
 * an exception inside one batch fails only that batch's requests (500 + error id, in the
   body and the log); concurrent requests in other batches and the next batch succeed;
