@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 import models  # noqa: E402
 from training import data as data_mod  # noqa: E402
 from training import timing  # noqa: E402
-from training.train import git_commit, machine_info  # noqa: E402
+from training.provenance import git_commit, machine_info  # noqa: E402
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -45,8 +45,8 @@ from models.calibration import (  # noqa: E402
     risk_of,
 )
 from training import data as data_mod  # noqa: E402
-from training.evaluate import _calibration_on  # noqa: E402
 from training.fidelity import cpu_name  # noqa: E402
+from training.measure import calibration_on as _calibration_on  # noqa: E402
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -62,7 +62,7 @@ from models import engine, inference  # noqa: E402
 from models.engine import TorchExecutor, _TorchState, early_exit  # noqa: E402
 from models.exits import entropy_from_logits, entropy_of_one  # noqa: E402
 from training import data as data_mod  # noqa: E402
-from training.train import git_commit, machine_info  # noqa: E402
+from training.provenance import git_commit, machine_info  # noqa: E402
 
 PARTS = ("walk", "pool", "relu", "lrn", "shared", "entropy1", "thr1")
 
@@ -122,7 +122,7 @@ class Ablated(TorchExecutor):
         self, m: nn.Module, h: Tensor, owned: bool, *, start: int = 0, stop: int | None = None
     ) -> tuple[Tensor, bool]:
         if start or stop is not None:
-            for child in list(m._modules.values())[start:stop]:
+            for child in [c for c in m._modules.values() if c is not None][start:stop]:
                 h, owned = self._node(child, h, owned)
             return h, owned
         return self._node(m, h, owned)
@@ -137,25 +137,28 @@ class Ablated(TorchExecutor):
             if not walk and not self.inside:
                 return m(h), False
             for child in m._modules.values():
-                h, owned = self._node(child, h, owned)
+                if child is not None:  # a Sequential's slot may be empty
+                    h, owned = self._node(child, h, owned)
             return h, owned
         if kind is nn.ReLU:
             if "relu" in parts and (m.inplace or owned):
                 return torch.relu_(h), owned
             return (torch.relu(h) if walk else m(h)), True
         if kind is nn.MaxPool2d:
+            pool: nn.MaxPool2d = m  # type: ignore[assignment]  # (the type test above)
             if "pool" in parts:
-                return inference._max_pool2d(m, h), True  # type: ignore[arg-type]
+                return inference._max_pool2d(pool, h), True
             if walk:
                 return torch.max_pool2d(
-                    h, m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode
+                    h, pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.ceil_mode
                 ), True
             return m(h), True
         if kind is nn.LocalResponseNorm:
+            lrn: nn.LocalResponseNorm = m  # type: ignore[assignment]  # (the type test above)
             if "lrn" in parts:
-                return inference._local_response_norm(m, h), True  # type: ignore[arg-type]
+                return inference._local_response_norm(lrn, h), True
             if walk:
-                return F.local_response_norm(h, m.size, m.alpha, m.beta, m.k), True
+                return F.local_response_norm(h, lrn.size, lrn.alpha, lrn.beta, lrn.k), True
             return m(h), True
         direct = inference._DIRECT.get(kind)
         if direct is None:
@@ -231,8 +234,8 @@ def main() -> None:
         ones = [x[k : k + 1] for k in range(args.images)]
         with torch.no_grad():
             # the same bits as the engine, batched and one at a time
-            for name, (ex, parts) in execs.items():
-                with no_thresholds_for_one(parts):
+            for name, (ex, used) in execs.items():
+                with no_thresholds_for_one(used):
                     for inp in (batches[0], *ones[:8]):
                         got = early_exit(ex, inp, thresholds)
                         want = net.early_exit(inp, thresholds)
@@ -255,16 +258,16 @@ def main() -> None:
                 for image in ones:
                     rng.shuffle(names)  # each image runs every variant back to back
                     for name in names:
-                        ex, parts = execs[name]
-                        with no_thresholds_for_one(parts):
+                        ex, used = execs[name]
+                        with no_thresholds_for_one(used):
                             t0 = time.thread_time()
                             early_exit(ex, image, thresholds)
                             one[name][-1].append(time.thread_time() - t0)
                 for b in batches:
                     rng.shuffle(names)
                     for name in names:
-                        ex, parts = execs[name]
-                        with no_thresholds_for_one(parts):
+                        ex, used = execs[name]
+                        with no_thresholds_for_one(used):
                             t0 = time.thread_time()
                             early_exit(ex, b, thresholds)
                             batch[name].append(time.thread_time() - t0)
@@ -278,8 +281,9 @@ def main() -> None:
             flat = [r for rs in r1 for r in rs]
             rb = [v / e for v, e in zip(batch[name], batch["engine"], strict=True)]
             nb = len(batches)
+            used = execs[name][1]
             rows[name] = {
-                "parts": sorted(execs[name][1]) if execs[name][1] is not None else list(PARTS),
+                "parts": sorted(used) if used is not None else list(PARTS),
                 "batch1_ms": statistics.median(t for ts in one[name] for t in ts) * 1e3,
                 "batch1_ratio": statistics.median(flat),
                 "batch1_ratio_quartiles": _quartiles(flat),

@@ -31,8 +31,8 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.load import multipart, test_images  # noqa: E402
 from benchmarks.runtimes import cpu_info  # noqa: E402
-from benchmarks.service_process import ServiceProcess  # noqa: E402
 from models import load_checkpoint  # noqa: E402
+from testsupport.server import ServerProcess  # noqa: E402
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -129,8 +129,11 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             "BRANCHY_MAX_BATCH_DELAY_MS": str(args.max_batch_delay_ms),
             "BRANCHY_TORCH_THREADS": str(args.torch_threads),
             "BRANCHY_LOG_LEVEL": "WARNING",
+            "BRANCHY_STATE_POLL_S": "0",  # one server: nothing to poll for
         }
-        servers[mode] = ServiceProcess(env, log_path=tmp / f"server-{mode}.log", name=mode)
+        servers[mode] = ServerProcess(
+            env, log_path=tmp / f"server-{mode}.log", name=mode, strict=True
+        )
     samples: dict[str, list[tuple[float, int]]] = {"on": [], "off": []}
     runtime = {}
     try:

@@ -32,11 +32,11 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # run as `python benchmarks/fuzz.py`
     sys.path.insert(0, str(REPO_ROOT))
 
-from tests.service.reliability_support import (  # noqa: E402
+from testsupport.reliability import (  # noqa: E402
     ADMIN_TOKEN,
-    ServerProcess,
     fuzz_openapi,
     make_checkpoint,
+    reliability_server,
 )
 
 
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
             make_checkpoint(repo / "b-lenet", architecture="b-lenet")
             make_checkpoint(repo / "b-alexnet", architecture="b-alexnet", seed=1)
         env = {"BRANCHY_ADMIN_TOKEN": ADMIN_TOKEN, "BRANCHY_LOG_LEVEL": "WARNING"}
-        with ServerProcess(repo, work, env) as server:
+        with reliability_server(repo, work, env) as server:
             start = time.perf_counter()
             report = fuzz_openapi(
                 server.url,
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             elapsed = time.perf_counter() - start
             alive = server.alive()
-            log = server.log_text()
+            log = server.log()
     traceback_in_log = "Traceback" in log
     passed = not report.failures and alive and not traceback_in_log
     result = {

@@ -49,7 +49,7 @@ import models  # noqa: E402
 from models.inference import run_owned  # noqa: E402
 from models.macs import module_macs  # noqa: E402
 from training import data as data_mod  # noqa: E402
-from training.train import git_commit, machine_info  # noqa: E402
+from training.provenance import git_commit, machine_info  # noqa: E402
 
 
 def get_args_parser() -> argparse.ArgumentParser:

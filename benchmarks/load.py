@@ -47,9 +47,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.service_process import ServiceProcess  # noqa: E402
 from models import Checkpoint, choose_thresholds, load_checkpoint  # noqa: E402
 from service.preprocess import preprocess  # noqa: E402
+from testsupport.checkpoints import write_checkpoint  # noqa: E402
+from testsupport.multipart import encode_multipart, image_parts  # noqa: E402
+from testsupport.server import ServerProcess  # noqa: E402
 
 logger = logging.getLogger("load")
 CIFAR_TEST = ROOT.parent / "shared" / "data" / "cifar10" / "test"
@@ -145,33 +147,16 @@ def test_images(ckpt: Checkpoint, count: int) -> tuple[list[bytes], str]:
 
 
 def multipart(images: list[bytes]) -> tuple[bytes, str]:
-    boundary = secrets.token_hex(12)
-    parts = []
-    for i, data in enumerate(images):
-        parts.append(
-            f'--{boundary}\r\nContent-Disposition: form-data; name="images"; '
-            f'filename="{i}.img"\r\nContent-Type: application/octet-stream\r\n\r\n'.encode()
-        )
-        parts.append(data + b"\r\n")
-    parts.append(f"--{boundary}--\r\n".encode())
-    return b"".join(parts), f"multipart/form-data; boundary={boundary}"
+    """One classify request's body holding ``images`` (form field ``images``)."""
+    names = [f"{i}.img" for i in range(len(images))]
+    return encode_multipart(image_parts(images, ctype="application/octet-stream", names=names))
 
 
 def fresh_checkpoint(arch: str) -> Path:
     """A freshly initialised checkpoint (seed 0) in a temporary folder named ``arch``."""
-    from models import InputSpec, build_model, save_checkpoint
-
-    torch.manual_seed(0)
-    model = build_model(arch).eval()
-    c, h, w = model.input_shape
-    # CIFAR-10 / MNIST statistics: only the input normalisation, not the weights, matter.
-    mean, std = (
-        ((0.4914, 0.4822, 0.4465), (0.247, 0.2435, 0.2616)) if c == 3 else ((0.1307,), (0.3081,))
-    )
-    spec = InputSpec(channels=c, height=h, width=w, mean=mean, std=std)
-    names = [str(i) for i in range(model.num_classes)]
     folder = Path(tempfile.mkdtemp(prefix="branchy-fresh-")) / arch
-    return save_checkpoint(folder, model, class_names=names, input_spec=spec)
+    names = [str(i) for i in range(10)]
+    return write_checkpoint(folder, arch, seed=0, calibration=False, class_names=names)
 
 
 # --------------------------------------------------------------------------- thresholds
@@ -268,13 +253,14 @@ def closed_loop(
 ) -> tuple[Cell, float]:
     """``concurrency`` threads, each sending its next request when the last is answered."""
     parsed = urllib.parse.urlsplit(url)
+    host = parsed.hostname or "127.0.0.1"
     path = f"/v1/models/{model}/classify"
     cell, lock = Cell(), threading.Lock()
     sent = [0]
     stop_at = time.perf_counter() + seconds
 
     def worker(seed: int) -> None:
-        conn = http.client.HTTPConnection(parsed.hostname, parsed.port, timeout=60)
+        conn = http.client.HTTPConnection(host, parsed.port, timeout=60)
         k = seed
         while time.perf_counter() < stop_at:
             with lock:
@@ -284,6 +270,7 @@ def closed_loop(
             body, ctype = bodies[k % len(bodies)]
             k += concurrency
             t0 = time.perf_counter()
+            status: int | str  # the HTTP status, or the name of the transport error
             try:
                 conn.request("POST", path, body=body, headers={"Content-Type": ctype})
                 resp = conn.getresponse()
@@ -291,7 +278,7 @@ def closed_loop(
                 status = resp.status
             except (OSError, http.client.HTTPException) as exc:
                 conn.close()
-                conn = http.client.HTTPConnection(parsed.hostname, parsed.port, timeout=60)
+                conn = http.client.HTTPConnection(host, parsed.port, timeout=60)
                 status, data = type(exc).__name__, b""
             dt = time.perf_counter() - t0
             with lock:
@@ -338,7 +325,7 @@ def summarise(cell: Cell, elapsed: float, num_exits: int) -> dict[str, Any]:
     }
 
 
-class SpawnedServer(ServiceProcess):
+class SpawnedServer(ServerProcess):
     """``python -m service`` on a free loopback port, serving one checkpoint."""
 
     def __init__(self, model_dir: Path, args: argparse.Namespace) -> None:
@@ -354,10 +341,11 @@ class SpawnedServer(ServiceProcess):
             "BRANCHY_MAX_BATCH_SIZE": str(args.max_batch_size),
             "BRANCHY_MAX_BATCH_DELAY_MS": str(args.max_batch_delay_ms),
             "BRANCHY_LOG_LEVEL": "WARNING",
+            "BRANCHY_STATE_POLL_S": "0",  # one server: nothing to poll for
         }
         if args.torch_threads:
             env["BRANCHY_TORCH_THREADS"] = str(args.torch_threads)
-        super().__init__(env, log_path=self.tmp / "server.log", name="load")
+        super().__init__(env, log_path=self.tmp / "server.log", name="load", strict=True)
 
     def stop(self, timeout: float = 60.0) -> int | None:
         try:
@@ -370,7 +358,7 @@ def _request(
     url: str, method: str, path: str, body: Any = None, token: str | None = None
 ) -> tuple[int, Any]:
     parsed = urllib.parse.urlsplit(url)
-    conn = http.client.HTTPConnection(parsed.hostname, parsed.port, timeout=30)
+    conn = http.client.HTTPConnection(parsed.hostname or "127.0.0.1", parsed.port, timeout=30)
     headers = {"Content-Type": "application/json"}
     if token:
         headers["Authorization"] = f"Bearer {token}"

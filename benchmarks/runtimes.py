@@ -69,7 +69,8 @@ import models  # noqa: E402
 from models.engine import Executor  # noqa: E402
 from models.runtimes import EarlyExitEngine, openvino_has_bf16  # noqa: E402
 from training import data as data_mod  # noqa: E402
-from training.train import git_commit, machine_info  # noqa: E402
+from training import timing  # noqa: E402
+from training.provenance import git_commit, machine_info  # noqa: E402
 
 # (runtime, precision) that the benchmark asks load_engine for, when installed/supported
 CANDIDATES = (
@@ -176,24 +177,6 @@ class Entry:
         return f"{self.net} {self.label}"
 
 
-def latency_pass(
-    engine: EarlyExitEngine, x: Tensor, thresholds: list[float]
-) -> tuple[list[float], list[int], list[int]]:
-    """Each image of ``x`` alone, whole path: seconds, exit and class per image."""
-    seconds, exits, preds = [], [], []
-    clock = time.perf_counter
-    for i in range(x.shape[0]):
-        xi = x[i : i + 1]
-        t0 = clock()
-        result = engine.early_exit(xi, thresholds)
-        pred = int(result.prediction[0])  # the host holds the answer
-        t1 = clock()
-        seconds.append(t1 - t0)
-        exits.append(int(result.exit_index[0]))
-        preds.append(pred)
-    return seconds, exits, preds
-
-
 def throughput_pass(
     engine: EarlyExitEngine, x: Tensor, thresholds: list[float], batch_size: int
 ) -> tuple[float, Tensor, Tensor]:
@@ -257,7 +240,7 @@ def run_rounds(
     """Warm every engine up, then time all of them ``args.rounds`` times, interleaved."""
     for e in entries:
         x = inputs[e.net]
-        latency_pass(e.engine, x["latency"][:20], e.thresholds)
+        timing.latency_batch1(e.engine, x["latency"][:20], e.thresholds, warmup=0)
         throughput_pass(e.engine, x["throughput"][: args.batch_size], e.thresholds, args.batch_size)
         segment_seconds(e.engine.executor, x["profile"][: args.batch_size], args.batch_size)
     profiled = [e for e in entries if e.label != AUTO]  # auto repeats one of them
@@ -275,11 +258,11 @@ def run_rounds(
             for k in rotated(len(entries), r * LATENCY_CHUNKS + c):
                 e = entries[k]
                 chunk = inputs[e.net]["latency"][cuts[c] : cuts[c + 1]]
-                seconds, exits, preds = latency_pass(e.engine, chunk, e.thresholds)
-                e.latency_s[-1] += seconds
+                one = timing.latency_batch1(e.engine, chunk, e.thresholds, warmup=0)
+                e.latency_s[-1] += one.seconds
                 if r == 0:
-                    e.one_exits += exits
-                    e.one_preds += preds
+                    e.one_exits += one.exits
+                    e.one_preds += one.predictions
         # batches: the images in chunks of whole batches, likewise in turns
         spent = [0.0] * len(entries)
         outs: list[list[tuple[Tensor, Tensor]]] = [[] for _ in entries]

@@ -28,8 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.load import closed_loop, multipart, test_images  # noqa: E402
-from benchmarks.service_process import ServiceProcess  # noqa: E402
 from models import load_checkpoint  # noqa: E402
+from testsupport.server import ServerProcess  # noqa: E402
 from training.fidelity import cpu_name  # noqa: E402
 
 logger = logging.getLogger("shadow_cost")
@@ -75,8 +75,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             "BRANCHY_TORCH_THREADS": str(args.torch_threads),
             "BRANCHY_SHADOW_RATE": str(rate),
             "BRANCHY_LOG_LEVEL": "WARNING",
+            "BRANCHY_STATE_POLL_S": "0",  # one server: nothing to poll for
         }
-        servers[label] = ServiceProcess(env, log_path=tmp / f"{label}.log", name=label)
+        servers[label] = ServerProcess(env, log_path=tmp / f"{label}.log", name=label, strict=True)
     try:
         for s in servers.values():
             s.wait_ready(120)

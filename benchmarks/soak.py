@@ -65,17 +65,18 @@ import httpx  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from tests.service import badimages as bad  # noqa: E402
-from tests.service.reliability_support import (  # noqa: E402
+from testsupport import badimages as bad  # noqa: E402
+from testsupport.reliability import (  # noqa: E402
     ADMIN_TOKEN,
     OfflineReference,
-    ServerProcess,
     make_repository,
     metric_by,
     parse_metrics,
+    reliability_server,
     rss_bytes,
     spaced_thresholds,
 )
+from testsupport.server import ServerProcess  # noqa: E402
 
 logger = logging.getLogger("soak")
 
@@ -85,7 +86,7 @@ MIX = {
     "multipart": 0.20,  # 2..6 PNGs in one multipart body, model thresholds
     "per_request": 0.15,  # one PNG with ?thresholds=..., exact answer key
     "v2": 0.15,  # Open Inference Protocol v2 UINT8 tensor, model thresholds
-    "invalid": 0.20,  # one of the bad-input cases of tests/service/badimages.py
+    "invalid": 0.20,  # one of the bad-input cases of testsupport/badimages.py
 }
 # Bad cases left out of the mix: they are slow to build or send on every draw and are
 # covered by tests/service/test_bad_input.py.
@@ -538,7 +539,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "BRANCHY_MAX_IMAGES_PER_REQUEST": str(plan.target.max_images),
         "BRANCHY_LOG_LEVEL": "WARNING",
     }
-    with ServerProcess(repo, work, env) as server:
+    with reliability_server(repo, work, env) as server:
         with httpx.Client(base_url=server.url, timeout=10) as c:
             before = parse_metrics(c.get("/metrics").text)
         load = Load(plan, server, args)
@@ -546,7 +547,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         with httpx.Client(base_url=server.url, timeout=10) as c:
             after = parse_metrics(c.get("/metrics").text)
         alive = server.alive()
-        code = server.terminate()
+        code = server.stop()
     report = verdict(load, before, after)
     report["checks"]["server_alive_until_the_end"] = alive
     report["passed"] = all(report["checks"].values())

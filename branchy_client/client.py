@@ -12,10 +12,11 @@ subclass at once; an unreachable server raises
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -100,6 +101,17 @@ class _Call:
     admin: bool = False
 
 
+@dataclass
+class _Attempt:
+    """One try of a call: the driver waits ``wait`` seconds, sends ``request`` and puts
+    the answer in ``response``; :meth:`_Base._attempts` decides whether another follows."""
+
+    request: dict[str, Any]
+    number: int = 0
+    wait: float = 0.0
+    response: httpx.Response | None = None
+
+
 def _error_from(response: httpx.Response) -> ServerError:
     status = response.status_code
     code, message, error_id = f"http_{status}", "", None
@@ -174,6 +186,32 @@ class _Base:
         return _Call("POST", f"/v1/models/{quote(model, safe='')}/classify", params, files=files)
 
     @staticmethod
+    def _models_call() -> _Call:
+        return _Call("GET", "/v1/models")
+
+    @staticmethod
+    def _model_call(name: str) -> _Call:
+        return _Call("GET", f"/v1/models/{quote(name, safe='')}")
+
+    @staticmethod
+    def _get_thresholds_call(model: str) -> _Call:
+        return _Call("GET", f"/admin/models/{quote(model, safe='')}/thresholds", admin=True)
+
+    def _set_thresholds_call(
+        self,
+        model: str,
+        thresholds: Sequence[float] | None,
+        tolerance: float | None,
+        target: float | None,
+    ) -> _Call:
+        return _Call(
+            "PUT",
+            f"/admin/models/{quote(model, safe='')}/thresholds",
+            json=self._thresholds_body(thresholds, tolerance, target),
+            admin=True,
+        )
+
+    @staticmethod
     def _thresholds_body(
         thresholds: Sequence[float] | None, tolerance: float | None, target: float | None
     ) -> dict[str, Any]:
@@ -197,6 +235,48 @@ class _Base:
                 f"(set {TOKEN_ENV} or pass admin_token=)"
             )
         return {"Authorization": f"Bearer {self.admin_token}"}
+
+    def _attempts(self, call: _Call) -> Iterator[_Attempt]:
+        """The tries of ``call`` (the retry policy of the module docstring, without I/O):
+        each is yielded for the driver to send; after it, another follows only when the
+        answer is retried."""
+        headers = self._headers(call)
+        request = {
+            "method": call.method,
+            "url": call.path,
+            "params": call.params or None,
+            "json": call.json,
+            "files": call.files,
+            "headers": headers,
+        }
+        attempt = _Attempt(request)
+        while True:
+            yield attempt
+            assert attempt.response is not None, "the driver sends every attempt"
+            wait = self._delay(attempt.response, attempt.number)
+            if wait is None:
+                return
+            attempt = _Attempt(request, number=attempt.number + 1, wait=wait)
+
+    @contextlib.contextmanager
+    def _transport_errors(self) -> Iterator[None]:
+        """httpx's transport failures as this package's errors."""
+        try:
+            yield
+        except httpx.HTTPError as exc:
+            raise self._transport_error(exc) from None
+
+    @staticmethod
+    def _answer(attempt: _Attempt) -> tuple[httpx.Response, int]:
+        """The last attempt's answer and how many retries came before it."""
+        assert attempt.response is not None
+        return attempt.response, attempt.number
+
+    def _classification(self, answer: tuple[httpx.Response, int], start: float) -> Classification:
+        response, retries = answer
+        body = self._json(response)
+        ms = (time.perf_counter() - start) * 1e3
+        return parse_classification(body, round_trip_ms=ms, retries=retries)
 
     def _delay(self, response: httpx.Response, attempt: int) -> float | None:
         """Seconds to wait before retrying ``response``, or ``None``: do not retry."""
@@ -283,44 +363,28 @@ class Client(_Base):
         self._http.close()
 
     def _send(self, call: _Call) -> tuple[httpx.Response, int]:
-        headers = self._headers(call)
-        attempt = 0
-        while True:
-            try:
-                response = self._http.request(
-                    call.method,
-                    call.path,
-                    params=call.params or None,
-                    json=call.json,
-                    files=call.files,
-                    headers=headers,
-                )
-            except httpx.HTTPError as exc:
-                raise self._transport_error(exc) from None
-            wait = self._delay(response, attempt)
-            if wait is None:
-                return response, attempt
-            time.sleep(wait)
-            attempt += 1
+        for attempt in self._attempts(call):
+            if attempt.wait:
+                time.sleep(attempt.wait)
+            with self._transport_errors():
+                attempt.response = self._http.request(**attempt.request)
+        return self._answer(attempt)
 
     def _get_json(self, call: _Call) -> Any:
         return self._json(self._send(call)[0])
 
     def ready(self) -> bool:
         """Whether the server answers ``/readyz`` with 200 (models loaded and warm)."""
-        try:
-            response = self._http.get("/readyz")
-        except httpx.HTTPError as exc:
-            raise self._transport_error(exc) from None
-        return response.status_code == 200
+        with self._transport_errors():
+            return self._http.get("/readyz").status_code == 200
 
     def models(self) -> list[ModelSummary]:
         """The models the server serves."""
-        return parse_models(self._get_json(_Call("GET", "/v1/models")))
+        return parse_models(self._get_json(self._models_call()))
 
     def model(self, name: str) -> ModelInfo:
         """One model's exits, thresholds (and their source), classes and input."""
-        return parse_model(self._get_json(_Call("GET", f"/v1/models/{quote(name, safe='')}")))
+        return parse_model(self._get_json(self._model_call(name)))
 
     def classify(
         self,
@@ -347,15 +411,11 @@ class Client(_Base):
         """
         call = self._classify_call(model, [read_image(i) for i in images], thresholds, top_k)
         start = time.perf_counter()
-        response, retries = self._send(call)
-        body = self._json(response)
-        ms = (time.perf_counter() - start) * 1e3
-        return parse_classification(body, round_trip_ms=ms, retries=retries)
+        return self._classification(self._send(call), start)
 
     def get_thresholds(self, model: str) -> ThresholdState:
         """The thresholds in force and what they do on the calibration data (admin)."""
-        call = _Call("GET", f"/admin/models/{quote(model, safe='')}/thresholds", admin=True)
-        return parse_threshold_state(self._get_json(call))
+        return parse_threshold_state(self._get_json(self._get_thresholds_call(model)))
 
     def set_thresholds(
         self,
@@ -367,12 +427,7 @@ class Client(_Base):
     ) -> ThresholdState:
         """Set thresholds explicitly, or let the server choose them for an accuracy
         ``tolerance`` (fraction below the final exit) or ``target`` (admin)."""
-        call = _Call(
-            "PUT",
-            f"/admin/models/{quote(model, safe='')}/thresholds",
-            json=self._thresholds_body(thresholds, tolerance, target),
-            admin=True,
-        )
+        call = self._set_thresholds_call(model, thresholds, tolerance, target)
         return parse_threshold_state(self._get_json(call))
 
 
@@ -426,45 +481,28 @@ class AsyncClient(_Base):
         await self._http.aclose()
 
     async def _send(self, call: _Call) -> tuple[httpx.Response, int]:
-        headers = self._headers(call)
-        attempt = 0
-        while True:
-            try:
-                response = await self._http.request(
-                    call.method,
-                    call.path,
-                    params=call.params or None,
-                    json=call.json,
-                    files=call.files,
-                    headers=headers,
-                )
-            except httpx.HTTPError as exc:
-                raise self._transport_error(exc) from None
-            wait = self._delay(response, attempt)
-            if wait is None:
-                return response, attempt
-            await asyncio.sleep(wait)
-            attempt += 1
+        for attempt in self._attempts(call):
+            if attempt.wait:
+                await asyncio.sleep(attempt.wait)
+            with self._transport_errors():
+                attempt.response = await self._http.request(**attempt.request)
+        return self._answer(attempt)
 
     async def _get_json(self, call: _Call) -> Any:
         return self._json((await self._send(call))[0])
 
     async def ready(self) -> bool:
         """Whether the server answers ``/readyz`` with 200."""
-        try:
-            response = await self._http.get("/readyz")
-        except httpx.HTTPError as exc:
-            raise self._transport_error(exc) from None
-        return response.status_code == 200
+        with self._transport_errors():
+            return (await self._http.get("/readyz")).status_code == 200
 
     async def models(self) -> list[ModelSummary]:
         """The models the server serves."""
-        return parse_models(await self._get_json(_Call("GET", "/v1/models")))
+        return parse_models(await self._get_json(self._models_call()))
 
     async def model(self, name: str) -> ModelInfo:
         """One model's exits, thresholds (and their source), classes and input."""
-        call = _Call("GET", f"/v1/models/{quote(name, safe='')}")
-        return parse_model(await self._get_json(call))
+        return parse_model(await self._get_json(self._model_call(name)))
 
     async def classify(
         self,
@@ -478,15 +516,11 @@ class AsyncClient(_Base):
         read = await asyncio.to_thread(lambda: [read_image(i) for i in images])
         call = self._classify_call(model, read, thresholds, top_k)
         start = time.perf_counter()
-        response, retries = await self._send(call)
-        body = self._json(response)
-        ms = (time.perf_counter() - start) * 1e3
-        return parse_classification(body, round_trip_ms=ms, retries=retries)
+        return self._classification(await self._send(call), start)
 
     async def get_thresholds(self, model: str) -> ThresholdState:
         """The thresholds in force (admin)."""
-        call = _Call("GET", f"/admin/models/{quote(model, safe='')}/thresholds", admin=True)
-        return parse_threshold_state(await self._get_json(call))
+        return parse_threshold_state(await self._get_json(self._get_thresholds_call(model)))
 
     async def set_thresholds(
         self,
@@ -497,10 +531,5 @@ class AsyncClient(_Base):
         target: float | None = None,
     ) -> ThresholdState:
         """Set thresholds, or have them chosen for a tolerance/target (admin)."""
-        call = _Call(
-            "PUT",
-            f"/admin/models/{quote(model, safe='')}/thresholds",
-            json=self._thresholds_body(thresholds, tolerance, target),
-            admin=True,
-        )
+        call = self._set_thresholds_call(model, thresholds, tolerance, target)
         return parse_threshold_state(await self._get_json(call))

@@ -21,6 +21,6 @@ if ! command -v chromedriver >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v
 fi
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
-.venv/bin/mypy models service branchy_client
+.venv/bin/mypy models service branchy_client training benchmarks testsupport
 if [ "$#" -eq 0 ]; then set -- -m "not slow"; fi
 .venv/bin/python -m pytest "$@"

@@ -35,8 +35,8 @@ import torch
 import models
 from models.calibration import RISKS, cheapest_within_risk, risk_of
 from training import data as data_mod
-from training.evaluate import _calibration_on
-from training.train import git_commit, machine_info
+from training.measure import calibration_on as _calibration_on
+from training.provenance import git_commit, machine_info
 
 log = logging.getLogger("training.fidelity")
 
@@ -77,7 +77,7 @@ def measure(
             "test_compute_saved": 1.0 - t.relative_cost,
         }
 
-    row = {
+    row: dict[str, Any] = {
         "checkpoint": str(ckpt.path),
         "architecture": ckpt.model.name,
         "validation_samples": ckpt.calibration.num_samples,

@@ -11,12 +11,19 @@ import statistics
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import Tensor
 
-from models import BranchyNet
+from models import BranchyNet, ExitResult
 from models.inference import run_module, run_stage
+
+
+class EarlyExiting(Protocol):
+    """What batch-1 timing needs: a network or an engine with ``early_exit``."""
+
+    def early_exit(self, x: Tensor, thresholds: Sequence[float]) -> ExitResult: ...
 
 
 @dataclass(frozen=True)
@@ -47,12 +54,13 @@ def _sync(device: torch.device) -> None:
 
 @torch.no_grad()
 def latency_batch1(
-    model: BranchyNet, x: Tensor, thresholds: Sequence[float], *, warmup: int = 50
+    model: EarlyExiting, x: Tensor, thresholds: Sequence[float], *, warmup: int = 50
 ) -> LatencyResult:
     """Time every sample of ``x`` (already normalised, on the model's device) alone.
 
     Args:
-        model: the network, in eval mode.
+        model: the network (put in eval mode), or an engine that runs it
+            (``models.EarlyExitEngine``): anything with ``early_exit(x, thresholds)``.
         x: ``(N, C, H, W)`` inputs.
         thresholds: one per early exit.
         warmup: untimed calls first (allocator, oneDNN primitive caches, CUDA kernels).
@@ -60,7 +68,8 @@ def latency_batch1(
     Returns:
         One latency, exit and prediction per sample, in order.
     """
-    model.eval()
+    if isinstance(model, torch.nn.Module):
+        model.eval()
     thr = list(thresholds)
     for i in range(min(warmup, x.shape[0])):
         model.early_exit(x[i : i + 1], thr).prediction.cpu()

@@ -6,7 +6,6 @@ import argparse
 import http.client
 import json
 import os
-import secrets
 import shutil
 import tempfile
 import threading
@@ -14,7 +13,8 @@ from pathlib import Path
 
 from benchmarks.gpu.common import MODEL, REQUEST_TIMEOUT_S
 from benchmarks.gpu.reference import Images
-from benchmarks.service_process import ServiceProcess
+from testsupport.multipart import encode_multipart, image_parts
+from testsupport.server import ServerProcess
 
 
 class Http:
@@ -48,19 +48,10 @@ class Http:
 
 
 def multipart(names: list[str], data: list[bytes]) -> tuple[bytes, str]:
-    boundary = "gpucheck" + secrets.token_hex(8)
-    parts = []
-    for name, blob in zip(names, data, strict=True):
-        head = (
-            f"--{boundary}\r\nContent-Disposition: form-data; name=images; "
-            f'filename="{name}"\r\nContent-Type: image/jpeg\r\n\r\n'
-        )
-        parts += [head.encode(), blob, b"\r\n"]
-    parts.append(f"--{boundary}--\r\n".encode())
-    return b"".join(parts), f"multipart/form-data; boundary={boundary}"
+    return encode_multipart(image_parts(data, ctype="image/jpeg", names=names))
 
 
-class Server(ServiceProcess):
+class Server(ServerProcess):
     """A real ``python -m service`` process serving only ``b-alexnet`` on loopback."""
 
     def __init__(self, name: str, args: argparse.Namespace, extra: dict[str, str]) -> None:
@@ -73,13 +64,14 @@ class Server(ServiceProcess):
             "BRANCHY_MAX_BATCH_SIZE": str(args.max_batch_size),
             "BRANCHY_GRACEFUL_SHUTDOWN_S": "10",
             "BRANCHY_LOG_LEVEL": "INFO",
+            "BRANCHY_STATE_POLL_S": "0",  # one server: nothing to poll for
         }
         if args.device == "cpu":
             if "OMP_NUM_THREADS" not in os.environ:  # a small shared machine
                 env["OMP_NUM_THREADS"] = "1"
             env["BRANCHY_TORCH_THREADS"] = "1"
         env.update(extra)
-        super().__init__(env, log_path=args.out / f"server-{name}.log", name=name)
+        super().__init__(env, log_path=args.out / f"server-{name}.log", name=name, strict=True)
 
     def stop(self, timeout: float = 20.0) -> int | None:
         try:

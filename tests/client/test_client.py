@@ -19,7 +19,7 @@ import pytest
 import branchy_client as bc
 from tests.client.images import write_pngs
 from tests.service.conftest import TOKEN, ServerProcess, free_port, running_server
-from tests.service.reliability_support import metric_total, parse_metrics
+from testsupport.reliability import metric_total, parse_metrics
 
 
 def test_importing_the_client_imports_neither_torch_nor_the_server() -> None:

@@ -13,15 +13,12 @@ from __future__ import annotations
 import importlib
 import json
 import re
-import shlex
 import shutil
 import subprocess
-import sys
 import threading
 import tomllib
 from collections.abc import Iterator
-from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -30,190 +27,52 @@ import yaml
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
-ROOT = Path(__file__).resolve().parents[2]
-DEPLOY = ROOT / "deploy"
-K8S = DEPLOY / "k8s"
-CONTRACT = ROOT / "docs" / "service-contract.md"
-DASHBOARD = DEPLOY / "grafana" / "dashboards" / "branchy.json"
-PORT = 8000
-PROMTOOL = shutil.which("promtool")
+from testsupport.deploy import (
+    ALL_QUERIES,
+    DEPLOY,
+    K8S,
+    PORT,
+    PROMTOOL,
+    ROOT,
+    TARGET_LABELS,
+    Dockerfile,
+    HealthHandler,
+    Query,
+    Reset,
+    as_promql,
+    compose_env,
+    contract_metrics,
+    contract_series,
+    dashboard,
+    dashboard_queries,
+    docker_ignores,
+    duration_seconds,
+    exec_form,
+    grouping_labels,
+    health_commands,
+    k8s_env,
+    load_compose,
+    load_manifests,
+    matcher_labels,
+    metric_names,
+    nginx_directive,
+    parse_dockerfile,
+    pod_spec,
+    recorded_names,
+    run_check,
+    useradd_uid,
+    volume_mounts,
+)
+
 NEEDS_PROMTOOL = pytest.mark.skipif(
     PROMTOOL is None,
     reason="promtool not on PATH (Debian: apt-get install --no-install-recommends prometheus)",
 )
-# Labels Prometheus adds to every scraped series, besides the server's own.
-TARGET_LABELS = {"instance", "job"}
-
-
-# --------------------------------------------------------------------------- Dockerfile
-
-
-@dataclass(frozen=True)
-class Instruction:
-    """One Dockerfile instruction: upper-case keyword and the rest of the (joined) line."""
-
-    keyword: str
-    args: str
-
-
-def parse_dockerfile(text: str) -> list[Instruction]:
-    """Split a Dockerfile into instructions: comments dropped, ``\\`` continuations joined."""
-    instructions: list[Instruction] = []
-    pending = ""
-    for raw in text.splitlines():
-        line = raw.strip()
-        # Comment lines are removed even inside a continued instruction, as Docker does.
-        if not line or line.startswith("#"):
-            continue
-        if line.endswith("\\"):
-            pending += line[:-1] + " "
-            continue
-        line = pending + line
-        pending = ""
-        keyword, _, args = line.partition(" ")
-        instructions.append(Instruction(keyword.upper(), args.strip()))
-    assert not pending, "Dockerfile ends inside a continued line"
-    return instructions
-
-
-def _exec_form(args: str) -> list[str]:
-    value = json.loads(args)
-    assert isinstance(value, list) and all(isinstance(v, str) for v in value), args
-    return value
-
-
-def _options(args: str) -> tuple[dict[str, str], str]:
-    """``--name=value`` options at the start of an instruction, and what follows them."""
-    options = {}
-    while args.startswith("--"):
-        option, _, args = args.partition(" ")
-        name, _, value = option[2:].partition("=")
-        options[name] = value
-        args = args.lstrip()
-    return options, args
-
-
-@dataclass(frozen=True)
-class Dockerfile:
-    instructions: list[Instruction]
-
-    def all(self, keyword: str) -> list[str]:
-        return [i.args for i in self.instructions if i.keyword == keyword]
-
-    def last(self, keyword: str) -> str:
-        found = self.all(keyword)
-        assert found, f"Dockerfile has no {keyword}"
-        return found[-1]
-
-    @property
-    def base_image(self) -> str:
-        # Resolve ARG defaults used in FROM (ARG before FROM is the documented way).
-        args = {}
-        for value in self.all("ARG"):
-            name, _, default = value.partition("=")
-            args[name] = default
-        image = self.last("FROM").split()[0]
-        return re.sub(r"\$\{(\w+)\}|\$(\w+)", lambda m: args[m.group(1) or m.group(2)], image)
-
-    @property
-    def env(self) -> dict[str, str]:
-        env: dict[str, str] = {}
-        for value in self.all("ENV"):
-            tokens = shlex.split(value)
-            if "=" in tokens[0]:
-                env.update(dict(t.split("=", 1) for t in tokens))
-            else:  # legacy form: ENV NAME value with spaces
-                env[tokens[0]] = " ".join(tokens[1:])
-        return env
-
-    @property
-    def copies(self) -> list[tuple[list[str], str]]:
-        """``(sources, destination)`` of every COPY from the build context."""
-        out = []
-        for value in self.all("COPY"):
-            options, rest = _options(value)
-            if "from" in options:
-                continue
-            parts = _exec_form(rest) if rest.startswith("[") else shlex.split(rest)
-            out.append((parts[:-1], parts[-1]))
-        return out
-
-    @property
-    def runs(self) -> str:
-        return "\n".join(self.all("RUN"))
-
-    @property
-    def user(self) -> tuple[str, str | None]:
-        user, _, group = self.last("USER").partition(":")
-        return user, group or None
-
-    @property
-    def healthcheck(self) -> tuple[dict[str, str], list[str]]:
-        options, rest = _options(self.last("HEALTHCHECK"))
-        keyword, _, command = rest.partition(" ")
-        assert keyword.upper() == "CMD", f"HEALTHCHECK must run a command, got {rest!r}"
-        return options, _exec_form(command)
 
 
 @pytest.fixture(scope="module")
 def dockerfile() -> Dockerfile:
     return Dockerfile(parse_dockerfile((ROOT / "Dockerfile").read_text()))
-
-
-def _useradd_uid(dockerfile: Dockerfile) -> int:
-    match = re.search(r"useradd\b[^\n&;]*--uid[ =](\d+)", dockerfile.runs)
-    assert match, "the Dockerfile creates no user with a fixed --uid"
-    return int(match.group(1))
-
-
-# ---------------------------------------------------------------- compose, YAML, contract
-
-
-def interpolate(value: Any, env: dict[str, str]) -> Any:
-    """Compose's variable substitution (``${X}``, ``${X:-d}``, ``${X-d}``, ``$$``) with
-    ``env`` as the host environment, applied to every string in ``value``."""
-    if isinstance(value, dict):
-        return {k: interpolate(v, env) for k, v in value.items()}
-    if isinstance(value, list):
-        return [interpolate(v, env) for v in value]
-    if not isinstance(value, str):
-        return value
-
-    def substitute(m: re.Match[str]) -> str:
-        if m.group(0) == "$$":
-            return "$"
-        name, op, default = m.group(1), m.group(2), m.group(3) or ""
-        if op == ":-":
-            return env.get(name) or default
-        if op == "-":
-            return env.get(name, default)
-        return env.get(name, "")
-
-    return re.sub(r"\$\$|\$\{(\w+)(?:(:-|-)([^}]*))?\}", substitute, value)
-
-
-class ComposeLoader(yaml.SafeLoader):
-    """YAML loader that understands compose's ``!reset`` and ``!override`` merge tags."""
-
-
-@dataclass(frozen=True)
-class Reset:
-    value: Any
-
-
-ComposeLoader.add_constructor("!reset", lambda loader, node: Reset(None))
-ComposeLoader.add_constructor(
-    "!override",
-    lambda loader, node: Reset(
-        loader.construct_sequence(node)
-        if isinstance(node, yaml.SequenceNode)
-        else loader.construct_mapping(node)
-    ),
-)
-
-
-def load_compose(path: Path, env: dict[str, str] | None = None) -> dict[str, Any]:
-    return interpolate(yaml.load(path.read_text(), Loader=ComposeLoader), env or {})
 
 
 @pytest.fixture(scope="module")
@@ -226,55 +85,12 @@ def branchy(compose: dict[str, Any]) -> dict[str, Any]:
     return compose["services"]["branchy"]
 
 
-def compose_env(service: dict[str, Any]) -> dict[str, str | None]:
-    env = service.get("environment") or {}
-    if isinstance(env, list):
-        pairs = [e.split("=", 1) if "=" in e else [e, None] for e in env]
-        return {k: v for k, v in pairs}
-    return {k: (None if v is None else str(v)) for k, v in env.items()}
-
-
-def _mounts(service: dict[str, Any]) -> dict[str, str]:
-    """Short-syntax volumes as ``target -> source``."""
-    out = {}
-    for volume in service.get("volumes", []):
-        source, target, *_ = volume.split(":")
-        out[target] = source
-    return out
-
-
-def _seconds(duration: str) -> float:
-    units = {"ms": 1e-3, "s": 1, "m": 60, "h": 3600}
-    total = 0.0
-    for number, unit in re.findall(r"(\d+(?:\.\d+)?)(ms|s|m|h)", duration):
-        total += float(number) * units[unit]
-    assert total > 0, f"cannot read duration {duration!r}"
-    return total
-
-
-def _directive(conf: str, name: str) -> str:
-    """The value of an nginx directive (the first occurrence)."""
-    match = re.search(rf"^\s*{name}\s+([^;]+);", conf, re.M)
-    assert match, f"nginx.conf sets no {name}"
-    return match.group(1).strip()
-
-
 def _service_module(name: str) -> Any:
     """``service.<name>``, skipping while the service engineer has not written it; once
     the file exists, an import error fails the test instead of hiding behind a skip."""
     if not (ROOT / "service" / f"{name}.py").is_file():
         pytest.skip(f"service/{name}.py does not exist yet")
     return importlib.import_module(f"service.{name}")
-
-
-def load_manifests() -> dict[tuple[str, str], dict[str, Any]]:
-    """Every Kubernetes object under deploy/k8s by ``(kind, name)``."""
-    objects = {}
-    for path in sorted(K8S.glob("*.yaml")):
-        for doc in yaml.safe_load_all(path.read_text()):
-            if doc and "kind" in doc and doc["kind"] != "Kustomization":
-                objects[(doc["kind"], doc["metadata"]["name"])] = doc
-    return objects
 
 
 @pytest.fixture(scope="module")
@@ -284,151 +100,16 @@ def k8s() -> dict[tuple[str, str], dict[str, Any]]:
 
 @pytest.fixture(scope="module")
 def container(k8s: dict[tuple[str, str], dict[str, Any]]) -> dict[str, Any]:
-    (c,) = [c for c in _pod_spec(k8s)["containers"] if c["name"] == "branchy"]
+    (c,) = [c for c in pod_spec(k8s)["containers"] if c["name"] == "branchy"]
     return c
 
 
-def _pod_spec(k8s: dict[tuple[str, str], dict[str, Any]]) -> dict[str, Any]:
-    return k8s[("Deployment", "branchy")]["spec"]["template"]["spec"]
-
-
-def k8s_env(container: dict[str, Any]) -> dict[str, str | None]:
-    return {e["name"]: e.get("value") for e in container.get("env", [])}
-
-
-@dataclass(frozen=True)
-class ContractMetric:
-    kind: str  # histogram | counter | gauge
-    labels: frozenset[str]
-
-    def series(self, name: str) -> dict[str, frozenset[str]]:
-        """Every sample name this metric exposes, with its labels."""
-        if self.kind == "histogram":
-            return {
-                f"{name}_bucket": self.labels | {"le"},
-                f"{name}_sum": self.labels,
-                f"{name}_count": self.labels,
-            }
-        return {name: self.labels}
-
-
-def contract_metrics() -> dict[str, ContractMetric]:
-    """The metric list of docs/service-contract.md: name -> kind and labels."""
-    text = CONTRACT.read_text()
-    section = text.split("## Metrics", 1)[1].split("\n## ", 1)[0]
-    metrics = {}
-    kinds = {"Histograms": "histogram", "Counters": "counter", "Gauges": "gauge"}
-    for heading, body in re.findall(
-        r"(Histograms|Counters|Gauges):(.*?)(?=Histograms:|Counters:|Gauges:|\Z)", section, re.S
-    ):
-        for name, labels in re.findall(r"`(branchy_\w+)(?:\{([\w,]*)\})?`", body):
-            metrics[name] = ContractMetric(
-                kinds[heading], frozenset(filter(None, labels.split(",")))
-            )
-    assert len(metrics) >= 10, f"could not read the metric list of {CONTRACT}"
-    return metrics
-
-
-def contract_series() -> dict[str, frozenset[str]]:
-    series: dict[str, frozenset[str]] = {}
-    for name, metric in contract_metrics().items():
-        series.update(metric.series(name))
-    return series
-
-
-# ---------------------------------------------------------------------------- PromQL
-
-
-@dataclass(frozen=True)
-class Query:
-    where: str
-    expr: str
-    legend: str = ""
-
-
-def dashboard() -> dict[str, Any]:
-    return json.loads(DASHBOARD.read_text())
-
-
-def dashboard_queries() -> list[Query]:
-    queries = []
-    for panel in dashboard()["panels"]:
-        for target in panel.get("targets", []):
-            where = f"dashboard panel {panel['title']!r} {target['refId']}"
-            queries.append(Query(where, target["expr"], target.get("legendFormat", "")))
-    return queries
-
-
-def rules_file() -> dict[str, Any]:
-    return yaml.safe_load((DEPLOY / "prometheus" / "rules.yml").read_text())
-
-
-def rule_queries() -> list[Query]:
-    queries = []
-    for group in rules_file()["groups"]:
-        for rule in group["rules"]:
-            name = rule.get("record") or rule["alert"]
-            queries.append(Query(f"rule {name}", rule["expr"]))
-    return queries
-
-
-def recorded_names() -> set[str]:
-    return {r["record"] for g in rules_file()["groups"] for r in g["rules"] if "record" in r}
-
-
-def as_promql(expr: str) -> str:
-    """A dashboard query as Prometheus sees it with the variables at their defaults."""
-    return expr.replace("$__rate_interval", "1m").replace("$model", ".*")
-
-
-def metric_names(expr: str) -> set[str]:
-    return set(re.findall(r"\b(branchy(?::|_)[\w:]+)", expr))
-
-
-def grouping_labels(expr: str) -> set[str]:
-    labels: set[str] = set()
-    for group in re.findall(
-        r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\(([^)]*)\)", expr
-    ):
-        labels.update(label.strip() for label in group.split(",") if label.strip())
-    return labels
-
-
-def matcher_labels(expr: str) -> dict[str, set[str]]:
-    """Labels matched in ``metric{label="..."}`` selectors, by metric."""
-    out: dict[str, set[str]] = {}
-    for name, body in re.findall(r"\b([a-zA-Z_:][\w:]*)\{([^}]*)\}", expr):
-        out.setdefault(name, set()).update(re.findall(r"(\w+)\s*(?:=~|!~|!=|=)", body))
-    return out
-
-
-ALL_QUERIES = dashboard_queries() + rule_queries()
-
-
-# ------------------------------------------------------------------ health-check runner
-
-
-class _Health(BaseHTTPRequestHandler):
-    status = 200
-    paths: list[str]
-
-    def do_GET(self) -> None:
-        self.paths.append(self.path)
-        self.send_response(self.status)
-        self.send_header("Content-Type", "application/json")
-        self.end_headers()
-        self.wfile.write(b"{}")
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass  # keep pytest's output clean
-
-
 @pytest.fixture
-def health_server() -> Iterator[tuple[int, list[str], type[_Health]]]:
+def health_server() -> Iterator[tuple[int, list[str], type[HealthHandler]]]:
     """A local HTTP server answering every GET with ``handler.status``: its port, the
     paths it was asked for, and the handler class (set ``status`` to change answers)."""
     paths: list[str] = []
-    handler: type[_Health] = type("Handler", (_Health,), {"paths": paths})
+    handler: type[HealthHandler] = type("Handler", (HealthHandler,), {"paths": paths})
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
     thread.start()
@@ -438,21 +119,6 @@ def health_server() -> Iterator[tuple[int, list[str], type[_Health]]]:
         server.shutdown()
         server.server_close()
         thread.join()
-
-
-def run_check(command: list[str], port: int) -> int:
-    """Run a container health check here: ``python`` becomes this interpreter, and the
-    port comes from BRANCHY_PORT as the image's ENV sets it."""
-    assert command[0] == "python", f"health check must use the image's python: {command}"
-    env = {"BRANCHY_PORT": str(port), "PATH": "/usr/bin:/bin"}
-    done = subprocess.run([sys.executable, *command[1:]], env=env, capture_output=True, timeout=20)
-    return done.returncode
-
-
-def health_commands(dockerfile: Dockerfile, branchy: dict[str, Any]) -> dict[str, list[str]]:
-    test = branchy["healthcheck"]["test"]
-    assert test[0] == "CMD", "compose healthcheck must be exec form ['CMD', ...]"
-    return {"Dockerfile": dockerfile.healthcheck[1], "compose": test[1:]}
 
 
 # =============================================================================== tests
@@ -491,7 +157,7 @@ def test_image_runs_as_a_fixed_non_root_user(dockerfile: Dockerfile) -> None:
     assert user not in {"root", "0"}, "the container must not run as root"
     # Numeric, so that Kubernetes' runAsNonRoot can verify it without /etc/passwd.
     assert user.isdigit(), f"USER should be a numeric uid, got {user!r}"
-    assert int(user) == _useradd_uid(dockerfile) and int(user) >= 1000
+    assert int(user) == useradd_uid(dockerfile) and int(user) >= 1000
     assert group is not None and group.isdigit() and int(group) != 0
 
 
@@ -510,7 +176,7 @@ def test_state_dir_is_a_volume_the_user_owns(dockerfile: Dockerfile) -> None:
     assert state == "/app/state"
     volumes = [v for args in dockerfile.all("VOLUME") for v in json.loads(args)]
     assert state in volumes
-    uid = _useradd_uid(dockerfile)
+    uid = useradd_uid(dockerfile)
     assert re.search(rf"chown\s+{uid}(:\d+)?\s+{re.escape(state)}\b", dockerfile.runs), (
         "the state folder must be writable by the server's user"
     )
@@ -518,16 +184,16 @@ def test_state_dir_is_a_volume_the_user_owns(dockerfile: Dockerfile) -> None:
 
 def test_image_starts_the_server_in_exec_form_and_stops_on_sigterm(dockerfile: Dockerfile) -> None:
     # Exec form: python is the process that receives SIGTERM, not a shell around it.
-    assert _exec_form(dockerfile.last("CMD")) == ["python", "-m", "service"]
+    assert exec_form(dockerfile.last("CMD")) == ["python", "-m", "service"]
     assert dockerfile.last("STOPSIGNAL") == "SIGTERM"
     assert not dockerfile.all("ENTRYPOINT")
 
 
 def test_healthcheck_has_sane_timing(dockerfile: Dockerfile) -> None:
     options, _ = dockerfile.healthcheck
-    assert _seconds(options["timeout"]) < _seconds(options["interval"])
+    assert duration_seconds(options["timeout"]) < duration_seconds(options["interval"])
     # Model loading and warm-up happen before /readyz, but /healthz must come up soon.
-    assert _seconds(options["start-period"]) >= 10
+    assert duration_seconds(options["start-period"]) >= 10
 
 
 @pytest.mark.parametrize("source", ["Dockerfile", "compose"])
@@ -535,7 +201,7 @@ def test_healthcheck_command_probes_healthz(
     source: str,
     dockerfile: Dockerfile,
     branchy: dict[str, Any],
-    health_server: tuple[int, list[str], type[_Health]],
+    health_server: tuple[int, list[str], type[HealthHandler]],
 ) -> None:
     port, paths, handler = health_server
     command = health_commands(dockerfile, branchy)[source]
@@ -548,49 +214,13 @@ def test_healthcheck_command_probes_healthz(
 def test_healthcheck_command_fails_when_nothing_listens(
     dockerfile: Dockerfile, branchy: dict[str, Any]
 ) -> None:
-    with ThreadingHTTPServer(("127.0.0.1", 0), _Health) as probe:
+    with ThreadingHTTPServer(("127.0.0.1", 0), HealthHandler) as probe:
         free_port = probe.server_address[1]  # closed again before the check runs
     for command in health_commands(dockerfile, branchy).values():
         assert run_check(command, free_port) != 0
 
 
 # ---------------------------------------------------------------------- .dockerignore
-
-
-def _ignore_regex(pattern: str) -> re.Pattern[str]:
-    """Docker's .dockerignore glob: ``**`` any depth, ``*``/``?`` within one path part."""
-    pattern = pattern.strip("/")
-    out, i = "", 0
-    while i < len(pattern):
-        if pattern.startswith("**/", i):
-            out, i = out + "(?:.*/)?", i + 3
-        elif pattern.startswith("**", i):
-            out, i = out + ".*", i + 2
-        elif pattern[i] == "*":
-            out, i = out + "[^/]*", i + 1
-        elif pattern[i] == "?":
-            out, i = out + "[^/]", i + 1
-        else:
-            out, i = out + re.escape(pattern[i]), i + 1
-    return re.compile(out)
-
-
-def docker_ignores(path: str) -> bool:
-    """Whether ``path`` (relative to the context) is left out of the build context."""
-    patterns = []
-    for line in (ROOT / ".dockerignore").read_text().splitlines():
-        line = line.strip()
-        if line and not line.startswith("#"):
-            negated = line.startswith("!")
-            patterns.append((negated, _ignore_regex(line.lstrip("!"))))
-    parts = path.strip("/").split("/")
-    prefixes = ["/".join(parts[: n + 1]) for n in range(len(parts))]
-    ignored = False
-    for negated, regex in patterns:
-        # Like Docker: a pattern matches a path when it matches the path or a parent.
-        if any(regex.fullmatch(p) for p in prefixes):
-            ignored = not negated
-    return ignored
 
 
 @pytest.mark.parametrize(
@@ -689,11 +319,11 @@ def test_cpu_override_drops_the_gpu_reservation() -> None:
 def test_compose_state_volume_and_healthcheck(
     compose: dict[str, Any], branchy: dict[str, Any], dockerfile: Dockerfile
 ) -> None:
-    state = _mounts(branchy)[dockerfile.env["BRANCHY_STATE_DIR"]]
+    state = volume_mounts(branchy)[dockerfile.env["BRANCHY_STATE_DIR"]]
     assert state in compose["volumes"], "the state folder must be a named (shared) volume"
     health = branchy["healthcheck"]
     assert "/healthz" in " ".join(health["test"])
-    assert _seconds(health["timeout"]) < _seconds(health["interval"])
+    assert duration_seconds(health["timeout"]) < duration_seconds(health["interval"])
 
 
 def test_stop_grace_periods_outlast_the_drain(
@@ -703,9 +333,9 @@ def test_stop_grace_periods_outlast_the_drain(
     drain = float(compose_env(branchy)["BRANCHY_GRACEFUL_SHUTDOWN_S"] or 0)
     timeout = float(compose_env(branchy)["BRANCHY_REQUEST_TIMEOUT_S"] or 0)
     assert drain >= timeout, "the drain must be long enough for a request to meet its deadline"
-    assert _seconds(branchy["stop_grace_period"]) >= drain + 5
+    assert duration_seconds(branchy["stop_grace_period"]) >= drain + 5
 
-    pod = _pod_spec(k8s)
+    pod = pod_spec(k8s)
     (c,) = pod["containers"]
     k8s_drain = float(k8s_env(c)["BRANCHY_GRACEFUL_SHUTDOWN_S"] or 0)
     pre_stop = c["lifecycle"]["preStop"]["exec"]["command"]
@@ -718,14 +348,14 @@ def test_nginx_balances_the_branchy_service(
 ) -> None:
     lb = compose["services"]["lb"]
     assert lb["profiles"] == ["lb"] and lb["image"].startswith("nginx:")
-    conf_path = [s for t, s in _mounts(lb).items() if t == "/etc/nginx/nginx.conf"]
+    conf_path = [s for t, s in volume_mounts(lb).items() if t == "/etc/nginx/nginx.conf"]
     conf = (ROOT / conf_path[0]).read_text()
     assert re.search(rf"server\s+branchy:{PORT}\b", conf)
     # nginx must not answer 413 with HTML before the server's own JSON 413, nor give up
     # before the server's 504.
-    body_mb = int(_directive(conf, "client_max_body_size").removesuffix("m"))
+    body_mb = int(nginx_directive(conf, "client_max_body_size").removesuffix("m"))
     assert body_mb * 2**20 > int(compose_env(branchy)["BRANCHY_MAX_BODY_BYTES"] or 0)
-    read_s = _seconds(_directive(conf, "proxy_read_timeout"))
+    read_s = duration_seconds(nginx_directive(conf, "proxy_read_timeout"))
     assert read_s > float(compose_env(branchy)["BRANCHY_REQUEST_TIMEOUT_S"] or 0)
 
 
@@ -811,7 +441,7 @@ def test_compose_mounts_the_prometheus_config_where_prometheus_reads_it(
     config = next(
         a.split("=", 1)[1] for a in prometheus["command"] if a.startswith("--config.file=")
     )
-    mounts = _mounts(prometheus)
+    mounts = volume_mounts(prometheus)
     folder = str(Path(config).parent)
     assert mounts[folder] == "./deploy/prometheus"
     for rule_file in _prometheus_config()["rule_files"]:
@@ -820,7 +450,7 @@ def test_compose_mounts_the_prometheus_config_where_prometheus_reads_it(
 
 def test_grafana_is_provisioned_with_prometheus_and_the_dashboard(compose: dict[str, Any]) -> None:
     grafana = compose["services"]["grafana"]
-    mounts = _mounts(grafana)
+    mounts = volume_mounts(grafana)
     assert mounts["/etc/grafana/provisioning"] == "./deploy/grafana/provisioning"
     provisioning = DEPLOY / "grafana" / "provisioning"
     (source,) = yaml.safe_load((provisioning / "datasources" / "prometheus.yml").read_text())[
@@ -1033,7 +663,7 @@ def test_k8s_deployment_runs_gpu_replicas_with_probes(
 def test_k8s_pod_is_non_root_with_the_images_uid(
     k8s: dict[tuple[str, str], dict[str, Any]], container: dict[str, Any], dockerfile: Dockerfile
 ) -> None:
-    pod = _pod_spec(k8s)["securityContext"]
+    pod = pod_spec(k8s)["securityContext"]
     uid = int(dockerfile.user[0])
     assert pod["runAsNonRoot"] is True and pod["runAsUser"] == uid
     assert pod["fsGroup"] == int(dockerfile.user[1] or 0)
@@ -1049,7 +679,7 @@ def test_k8s_state_dir_is_a_shared_read_write_many_volume(
 ) -> None:
     state_dir = k8s_env(container).get("BRANCHY_STATE_DIR") or dockerfile.env["BRANCHY_STATE_DIR"]
     (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == state_dir]
-    (volume,) = [v for v in _pod_spec(k8s)["volumes"] if v["name"] == mount["name"]]
+    (volume,) = [v for v in pod_spec(k8s)["volumes"] if v["name"] == mount["name"]]
     claim = k8s[("PersistentVolumeClaim", volume["persistentVolumeClaim"]["claimName"])]
     assert "ReadWriteMany" in claim["spec"]["accessModes"]
     assert float(k8s_env(container)["BRANCHY_STATE_POLL_S"] or 0) > 0, (

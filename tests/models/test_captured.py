@@ -16,7 +16,7 @@ import torch
 import models
 from models.captured import CapturedExecutor
 from models.engine import TorchExecutor, early_exit
-from tests.helpers import sharpen_heads
+from testsupport.checkpoints import sharpen_heads
 
 NETS = ["b-lenet", "lenet", "b-alexnet", "alexnet", "b-resnet20"]
 ZOO = Path(__file__).resolve().parents[2] / "zoo"

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import models
-from tests.helpers import sharpen_heads
+from testsupport.checkpoints import sharpen_heads
 
 # one network per family: the engine is shared, the deeper ResNets only add blocks
 BRANCHY = ["b-lenet", "b-alexnet", "b-resnet20"]

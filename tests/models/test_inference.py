@@ -13,7 +13,7 @@ from torch import nn
 import models
 from models import inference
 from models.inference import global_hooks_active, max_pool_split, run_module, run_owned
-from tests.helpers import sharpen_heads
+from testsupport.checkpoints import sharpen_heads
 
 
 @pytest.mark.parametrize("name", ["lenet", "b-lenet", "alexnet", "b-alexnet", "b-resnet20"])

@@ -14,7 +14,7 @@ from torch import nn
 import models
 from models.onnx_export import ExportError, export_segments
 from models.runtimes import openvino_has_bf16
-from tests.helpers import sharpen_heads
+from testsupport.checkpoints import sharpen_heads
 
 RUNTIMES = ["onnxruntime", "openvino"]
 NETS = ["b-lenet", "lenet", "b-alexnet", "alexnet", "b-resnet20"]

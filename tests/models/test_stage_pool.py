@@ -11,8 +11,8 @@ import models
 from models.captured import CapturedExecutor
 from models.engine import TorchExecutor, early_exit
 from models.stage_pool import StagePool
-from tests.helpers import sharpen_heads
 from tests.models.test_captured import assert_same, spread
+from testsupport.checkpoints import sharpen_heads
 
 
 class FakeClock:

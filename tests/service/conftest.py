@@ -10,76 +10,53 @@ Reusable by every service test module (see "Test hooks" in docs/service-contract
 * ``app_client`` / ``make_client(**overrides)``: a ``TestClient`` on ``create_app``, lifespan
   run, models loaded (``/readyz`` 200) before the test starts.
 * ``start_server(env=..., hooked=False)``: a real ``python -m service`` process (or the
-  fault-injection wrapper ``tests/service/hooked_server.py``) on a free port, ready when
+  fault-injection wrapper ``testsupport/hooked_server.py``) on a free port, ready when
   returned, stopped with SIGTERM at teardown. ``server`` is one shared by a module.
+
+The checkpoint factory and the server launcher are ``testsupport.checkpoints`` and
+``testsupport.server``, shared with the benchmarks.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import numpy as np
 import pytest
 import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from models import CalibrationData, InputSpec, build_model, save_checkpoint
+from models import InputSpec
 from service.app import create_app
 from service.preprocess import normalise
 from service.settings import Settings
+from testsupport.checkpoints import CIFAR, CIFAR_CLASSES, MNIST, write_checkpoint
+from testsupport.server import ROOT, ServerProcess, free_port, running_server, server_env
 
-ROOT = Path(__file__).resolve().parents[2]
-MNIST = InputSpec(channels=1, height=28, width=28, mean=(0.1307,), std=(0.3081,))
-CIFAR = InputSpec(
-    channels=3, height=32, width=32, mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616)
-)
-CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer",
-                 "dog", "frog", "horse", "ship", "truck"]  # fmt: skip
+# Re-exported for the test modules (the definitions live in testsupport/).
+__all__ = [
+    "CIFAR",
+    "CIFAR_CLASSES",
+    "MNIST",
+    "ROOT",
+    "TOKEN",
+    "ServerProcess",
+    "encode",
+    "free_port",
+    "offline_input",
+    "random_pixels",
+    "running_server",
+    "server_env",
+    "write_checkpoint",
+]
+
 TOKEN = "test-admin-token-0123"
-
-
-def write_checkpoint(
-    path: Path, arch: str, *, seed: int = 0, calibration: bool = True, samples: int = 200
-) -> Path:
-    """A freshly initialised checkpoint of ``arch`` (``b-lenet`` or ``b-alexnet``).
-
-    Calibration data are the network's own entropies on random images with labels that
-    agree with the final exit for 80% of them, so accuracy-driven threshold choices have
-    something to trade.
-    """
-    torch.manual_seed(seed)
-    model = build_model(arch).eval()
-    spec = MNIST if model.input_shape[0] == 1 else CIFAR
-    classes = [str(i) for i in range(10)] if spec is MNIST else CIFAR_CLASSES
-    calib = None
-    if calibration:
-        g = torch.Generator().manual_seed(seed)
-        x = normalise(
-            torch.randint(0, 256, (samples, *spec.shape), generator=g, dtype=torch.uint8), spec
-        )
-        with torch.no_grad():
-            outs = model(x)
-        from models import entropy_from_logits
-
-        entropy = torch.stack([entropy_from_logits(z) for z in outs], dim=1)
-        labels = outs[-1].argmax(1)
-        flip = torch.rand(samples, generator=g) < 0.2
-        labels = torch.where(flip, (labels + 1) % 10, labels)
-        correct = torch.stack([z.argmax(1) == labels for z in outs], dim=1)
-        calib = CalibrationData(entropy=entropy, correct=correct)
-    return save_checkpoint(path, model, class_names=classes, input_spec=spec, calibration=calib)
 
 
 def encode(array: np.ndarray, fmt: str = "PNG", **options: Any) -> bytes:
@@ -101,12 +78,6 @@ def offline_input(pixels: np.ndarray, spec: InputSpec) -> torch.Tensor:
     t = torch.from_numpy(pixels)
     t = t.unsqueeze(1) if t.dim() == 3 else t.permute(0, 3, 1, 2)
     return normalise(t.contiguous(), spec)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="session")
@@ -158,89 +129,6 @@ def make_client(make_settings: Callable[..., Settings]) -> Iterator[Callable[...
 @pytest.fixture
 def app_client(make_client: Callable[..., TestClient]) -> TestClient:
     return make_client(admin_token=TOKEN)
-
-
-class ServerProcess:
-    """A real server process on a free loopback port.
-
-    Args:
-        env: ``BRANCHY_*`` settings (merged over the current environment).
-        log_path: where the process's stdout and stderr go.
-        hooked: start ``tests/service/hooked_server.py`` (fault injection) instead of
-            ``python -m service``.
-    """
-
-    def __init__(self, env: dict[str, str], log_path: Path, *, hooked: bool = False) -> None:
-        self.port = free_port()
-        self.base_url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path
-        full = {**os.environ, **env, "BRANCHY_HOST": "127.0.0.1", "BRANCHY_PORT": str(self.port)}
-        # Two cores are shared by the test process and the server.
-        full.setdefault("OMP_NUM_THREADS", "1")
-        args = (
-            [sys.executable, str(ROOT / "tests" / "service" / "hooked_server.py")]
-            if hooked
-            else [sys.executable, "-m", "service"]
-        )
-        self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            args, cwd=ROOT, env=full, stdout=self._log, stderr=subprocess.STDOUT
-        )
-
-    def wait_ready(self, timeout: float = 90.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{self.base_url}/readyz", timeout=2).status_code == 200:
-                    return
-            time.sleep(0.1)
-        raise TimeoutError(f"server not ready after {timeout} s:\n{self.log()}")
-
-    def log(self) -> str:
-        if not self._log.closed:
-            self._log.flush()
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self, timeout: float = 30.0) -> int:
-        """SIGTERM, then wait; SIGKILL only if it does not exit in time (a test failure)."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
-        return self.proc.returncode
-
-
-def server_env(model_repo: Path, tmp: Path) -> dict[str, str]:
-    """The settings every test server starts from: the tiny repository, a fresh state
-    folder, the CPU and its eager reference engine (tests/service/test_runtimes.py serves
-    the other runtimes), one warm-up batch."""
-    return {
-        "BRANCHY_MODEL_REPOSITORY": str(model_repo),
-        "BRANCHY_STATE_DIR": str(tmp / "state"),
-        "BRANCHY_DEVICE": "cpu",
-        "BRANCHY_RUNTIME": "torch",
-        "BRANCHY_WARMUP_BATCHES": "1",
-    }
-
-
-@contextlib.contextmanager
-def running_server(
-    model_repo: Path, tmp: Path, env: dict[str, str] | None = None
-) -> Iterator[ServerProcess]:
-    """A ready real server on ``model_repo`` with ``env`` over :func:`server_env`,
-    logging to ``tmp/server.log``; stopped on exit."""
-    proc = ServerProcess({**server_env(model_repo, tmp), **(env or {})}, tmp / "server.log")
-    try:
-        proc.wait_ready()
-        yield proc
-    finally:
-        proc.stop()
 
 
 @pytest.fixture

@@ -4,7 +4,7 @@ next valid request succeeds, nothing 5xx, nothing hangs, no worker dies.
 All cases go to one real server process (``python -m service``), so a crash in a decoder
 (a segfault would take pytest down with an in-process app) shows up as a dead process
 and failing requests, and the server's log can be searched for unhandled errors.
-The cases themselves are generated in ``tests/service/badimages.py``.
+The cases themselves are generated in ``testsupport/badimages.py``.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.service import badimages as bad
 from tests.service.conftest import TOKEN, ServerProcess, running_server
-from tests.service.reliability_support import (
+from testsupport import badimages as bad
+from testsupport.reliability import (
     assert_error,
     error_of,
     metric_total,

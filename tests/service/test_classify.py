@@ -25,12 +25,7 @@ from tests.service.conftest import (
     random_pixels,
     wait_ready,
 )
-
-
-def _multipart(
-    images: list[bytes], ctype: str = "image/png"
-) -> list[tuple[str, tuple[str, bytes, str]]]:
-    return [("images", (f"img{i}.png", data, ctype)) for i, data in enumerate(images)]
+from testsupport.multipart import image_files
 
 
 def _split_threshold(entropy: torch.Tensor) -> float:
@@ -64,7 +59,7 @@ def test_answers_equal_offline_early_exit(
 
     resp = app_client.post(
         f"/v1/models/{name}/classify",
-        files=_multipart([encode(p, fmt) for p in pixels]),
+        files=image_files([encode(p, fmt) for p in pixels]),
         params={"thresholds": ",".join(str(t) for t in thresholds), "top_k": 3},
     )
     assert resp.status_code == 200, resp.text
@@ -106,7 +101,7 @@ def test_jpeg_rgb_to_grey_and_resize(app_client: TestClient) -> None:
     rgb = random_pixels(CIFAR, 1, seed=1)[0]  # 32x32x3 for a 28x28 grey model
     resp = app_client.post(
         "/v1/models/b-lenet/classify",
-        files=_multipart([encode(rgb, "JPEG", quality=90)], "image/jpeg"),
+        files=image_files([encode(rgb, "JPEG", quality=90)], "image/jpeg"),
     )
     assert resp.status_code == 200, resp.text
     grey = random_pixels(MNIST, 1, seed=1)[0]
@@ -122,7 +117,9 @@ def test_request_thresholds_inf_and_zero(
 ) -> None:
     images = [encode(p) for p in random_pixels(CIFAR, 6, seed=2)]
     resp = app_client.post(
-        "/v1/models/b-alexnet/classify", files=_multipart(images), params={"thresholds": thresholds}
+        "/v1/models/b-alexnet/classify",
+        files=image_files(images),
+        params={"thresholds": thresholds},
     )
     assert resp.status_code == 200, resp.text
     assert [r["exit"]["index"] for r in resp.json()["results"]] == [expected_exit] * 6

@@ -25,7 +25,7 @@ from service.metrics import LATENCY_BUCKETS
 from service.routes.console import histogram_quantile
 from tests.service.browser import browser, foreign_resources, screenshot  # noqa: F401
 from tests.service.conftest import MNIST, TOKEN, ServerProcess, encode, random_pixels
-from tests.service.reliability_support import metric_by, parse_metrics
+from testsupport.reliability import metric_by, parse_metrics
 
 ADMIN = {"Authorization": f"Bearer {TOKEN}"}
 

@@ -1,5 +1,5 @@
 """Faults and security (issue 5), against a real server process with the fault-injection
-seam (``tests/service/hooked_server.py``):
+seam (``testsupport/hooked_server.py``):
 
 * an exception inside one batch fails only that batch's requests (500 + error id, in the
   body and the log); concurrent requests in other batches and the next batch succeed;
@@ -32,9 +32,9 @@ from fastapi.testclient import TestClient
 from service.app import create_app
 from service.settings import Settings
 from service.state import state_file
-from tests.service import badimages as bad
 from tests.service.conftest import TOKEN, ServerProcess
-from tests.service.reliability_support import (
+from testsupport import badimages as bad
+from testsupport.reliability import (
     OfflineReference,
     assert_error,
     make_checkpoint,
@@ -72,6 +72,7 @@ class Faulty:
             # Concurrent requests within 50 ms share a batch.
             "BRANCHY_MAX_BATCH_DELAY_MS": "50",
             "BRANCHY_STATE_POLL_S": "0",
+            "OMP_NUM_THREADS": "1",  # two cores shared by the test process and the server
         }
 
     def start(self, log_name: str) -> ServerProcess:

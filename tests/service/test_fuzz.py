@@ -28,9 +28,9 @@ from PIL import Image
 from models import InputSpec
 from service.errors import BadImage, PayloadTooLarge, ServiceError
 from service.preprocess import preprocess
-from tests.service import badimages as bad
 from tests.service.conftest import TOKEN, ServerProcess
-from tests.service.reliability_support import fuzz_openapi
+from testsupport import badimages as bad
+from testsupport.reliability import fuzz_openapi
 
 GREY_SPEC = InputSpec(channels=1, height=28, width=28, mean=(0.1307,), std=(0.3081,))
 RGB_SPEC = InputSpec(

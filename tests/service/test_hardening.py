@@ -27,7 +27,6 @@ import torch
 import yaml
 from PIL import Image
 
-from tests.service import badimages as bad
 from tests.service.conftest import (
     CIFAR,
     MNIST,
@@ -39,7 +38,9 @@ from tests.service.conftest import (
     running_server,
     write_checkpoint,
 )
-from tests.service.reliability_support import (
+from testsupport import badimages as bad
+from testsupport.multipart import encode_multipart
+from testsupport.reliability import (
     assert_error,
     metric_total,
     parse_metrics,
@@ -233,7 +234,7 @@ def test_client_aborts_are_counted_as_499_not_500(client: httpx.Client, srv: Ser
         + png,
     )
     # A multipart upload abandoned half-way.
-    parts, ctype = bad.multipart([("a", "a.png", "image/png", png)] * 3)
+    parts, ctype = encode_multipart([("a", "a.png", "image/png", png)] * 3)
     _raw(
         srv,
         (head + f"Content-Type: {ctype}\r\n"
@@ -647,7 +648,7 @@ def slow_srv(model_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
 
 def test_stalled_multipart_upload_is_a_408(slow_srv: ServerProcess) -> None:
     png = encode(random_pixels(CIFAR, 1)[0])
-    parts, ctype = bad.multipart([("a", "a.png", "image/png", png)] * 2)
+    parts, ctype = encode_multipart([("a", "a.png", "image/png", png)] * 2)
     head = (
         "POST /v1/models/b-alexnet/classify HTTP/1.1\r\nHost: x\r\n"
         f"Content-Type: {ctype}\r\nContent-Length: {len(parts)}\r\n\r\n"

@@ -20,9 +20,9 @@ import httpx
 import psutil
 import pytest
 
-from tests.service import badimages as bad
 from tests.service.conftest import ServerProcess, running_server
-from tests.service.reliability_support import assert_error, metric_total, parse_metrics
+from testsupport import badimages as bad
+from testsupport.reliability import assert_error, metric_total, parse_metrics
 
 LENET = bad.Target("b-lenet", 1, 28, 28, 1)
 TIMEOUT = httpx.Timeout(30.0)
@@ -51,6 +51,15 @@ def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 20.0) ->
 def established(pid: int) -> int:
     """TCP connections the server process holds open."""
     return sum(c.status == "ESTABLISHED" for c in psutil.Process(pid).net_connections())
+
+
+def growth(before: dict, after: dict) -> Callable[..., float]:
+    """``delta(name, **labels)``: how much a metric grew from one scrape to the next."""
+
+    def delta(name: str, **labels: str) -> float:
+        return metric_total(after, name, **labels) - metric_total(before, name, **labels)
+
+    return delta
 
 
 def queue_depth(base_url: str) -> float:
@@ -94,10 +103,7 @@ def test_full_queue_answers_503_with_retry_after_at_once(held_server: ServerProc
         for f in admitted:
             resp = f.result(timeout=30)
             assert resp.status_code == 200, resp.text
-    after = metrics(url)
-
-    def delta(name: str, **labels: str) -> float:
-        return metric_total(after, name, **labels) - metric_total(before, name, **labels)
+    delta = growth(before, metrics(url))
 
     assert delta("branchy_rejected_total", model="b-lenet", reason="queue_full") == 2
     assert delta("branchy_requests_total", model="b-lenet", endpoint="classify", code="503") == 2
@@ -184,18 +190,22 @@ def test_stalled_uploads_do_not_hold_slots_past_the_request_timeout(
             sock.close()
 
 
+def hooked_lenet(
+    start_server: Callable[..., ServerProcess], fault: Path, env: dict[str, str]
+) -> ServerProcess:
+    """A ready b-lenet server whose batches obey the fault file ``fault``
+    (``testsupport/hooked_server.py``), with ``env`` on top."""
+    return start_server(
+        {"BRANCHY_MODELS": "b-lenet", "BRANCHY_TEST_FAULT_FILE": str(fault), **env}, hooked=True
+    )
+
+
 def test_deadline_passing_in_the_queue_drops_the_request_before_compute(
     start_server: Callable[..., ServerProcess], tmp_path: Path
 ) -> None:
     fault = tmp_path / "fault"
-    server = start_server(
-        {
-            "BRANCHY_MODELS": "b-lenet",
-            "BRANCHY_TEST_FAULT_FILE": str(fault),
-            "BRANCHY_MAX_BATCH_SIZE": "1",
-            "BRANCHY_REQUEST_TIMEOUT_S": "0.3",
-        },
-        hooked=True,
+    server = hooked_lenet(
+        start_server, fault, {"BRANCHY_MAX_BATCH_SIZE": "1", "BRANCHY_REQUEST_TIMEOUT_S": "0.3"}
     )
     url = server.base_url
     before = metrics(url)
@@ -214,10 +224,7 @@ def test_deadline_passing_in_the_queue_drops_the_request_before_compute(
     assert late.json()["error"]["id"]  # a 5xx: the id lets an operator find the log line
     # A batch that started before its deadline is finished, never cut in the middle.
     assert done.status_code == 200, done.text
-    after = metrics(url)
-
-    def delta(name: str, **labels: str) -> float:
-        return metric_total(after, name, **labels) - metric_total(before, name, **labels)
+    delta = growth(before, metrics(url))
 
     assert delta("branchy_rejected_total", model="b-lenet", reason="deadline_exceeded") == 1
     assert delta("branchy_requests_total", model="b-lenet", endpoint="classify", code="504") == 1
@@ -240,14 +247,8 @@ def test_sigterm_under_load_finishes_every_accepted_request(
     start_server: Callable[..., ServerProcess], tmp_path: Path
 ) -> None:
     fault = tmp_path / "fault"
-    server = start_server(
-        {
-            "BRANCHY_MODELS": "b-lenet",
-            "BRANCHY_TEST_FAULT_FILE": str(fault),
-            "BRANCHY_MAX_BATCH_SIZE": "4",
-            "BRANCHY_GRACEFUL_SHUTDOWN_S": "30",
-        },
-        hooked=True,
+    server = hooked_lenet(
+        start_server, fault, {"BRANCHY_MAX_BATCH_SIZE": "4", "BRANCHY_GRACEFUL_SHUTDOWN_S": "30"}
     )
     url = server.base_url
     fault.write_text("sleep 0.25")  # 12 queued images take ~0.75 s to drain

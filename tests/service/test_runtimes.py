@@ -20,10 +20,7 @@ import models
 from service.batcher import Batcher, BatchOutput, Classified
 from service.metrics import Metrics
 from tests.service.conftest import CIFAR, MNIST, encode, offline_input, random_pixels
-
-
-def _multipart(images: list[bytes]) -> list[tuple[str, tuple[str, bytes, str]]]:
-    return [("images", (f"img{i}.png", data, "image/png")) for i, data in enumerate(images)]
+from testsupport.multipart import image_files
 
 
 def _spread(ckpt: models.Checkpoint, x: torch.Tensor) -> list[float]:
@@ -46,7 +43,7 @@ def _served_equals_engine(base_url: str, model_repo: Path, runtime: str) -> None
         want = engine.early_exit(x, thresholds)
         resp = httpx.post(
             f"{base_url}/v1/models/{name}/classify",
-            files=_multipart([encode(p) for p in pixels]),
+            files=image_files([encode(p) for p in pixels]),
             params={"thresholds": ",".join(repr(t) for t in thresholds)},
             timeout=30,
         )

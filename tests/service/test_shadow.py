@@ -13,7 +13,7 @@ import torch
 
 import models
 from tests.service.conftest import MNIST, encode, random_pixels, running_server
-from tests.service.reliability_support import metric_total, parse_metrics
+from testsupport.reliability import metric_total, parse_metrics
 
 
 def _files(count: int, seed: int) -> list[tuple[str, tuple[str, bytes, str]]]:

@@ -23,17 +23,21 @@ def trained(mnist_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[s
             "--val-size", "200", "--batch-size", "64", "--threads", "1", "--no-progress",
             "--epochs", "1", "--out", str(root / name), "--work-dir", str(root / f"{name}-w"),
         ]  # fmt: skip
-        path = train.main(train.get_args_parser().parse_args(argv))
+        path = train.main(train.parse_config(argv))
         assert path is not None
         out[name] = path
     return out
 
 
+def copy_of(checkpoint: Path, tmp_path: Path) -> Path:
+    """A private copy of the session's trained checkpoint, for a test to rewrite."""
+    return Path(shutil.copytree(checkpoint, tmp_path / checkpoint.name))
+
+
 def test_match_baseline_picks_the_cheapest_thresholds_at_the_baselines_accuracy(
     trained: dict[str, Path], tmp_path: Path
 ) -> None:
-    ckpt_dir = tmp_path / "b-lenet"
-    shutil.copytree(trained["b-lenet"], ckpt_dir)
+    ckpt_dir = copy_of(trained["b-lenet"], tmp_path)
     before = models.load_checkpoint(ckpt_dir)
     base = models.load_checkpoint(trained["lenet"])
     target = base.metrics["val_exit_accuracy"][-1]
@@ -58,8 +62,7 @@ def test_match_baseline_picks_the_cheapest_thresholds_at_the_baselines_accuracy(
 def test_tolerance_rule_and_a_baseline_from_another_split_is_refused(
     trained: dict[str, Path], tmp_path: Path
 ) -> None:
-    ckpt_dir = tmp_path / "b-lenet"
-    shutil.copytree(trained["b-lenet"], ckpt_dir)
+    ckpt_dir = copy_of(trained["b-lenet"], tmp_path)
     point = calibrate.main(["--checkpoint", str(ckpt_dir), "--tolerance", "1.0"])
     macs = models.load_checkpoint(ckpt_dir).model.exit_macs()
     # any accuracy will do, so every sample leaves at the first exit
@@ -81,8 +84,7 @@ def test_tolerance_rule_and_a_baseline_from_another_split_is_refused(
 def test_recollect_adds_predictions_without_touching_weights_or_thresholds(
     trained: dict[str, Path], tmp_path: Path, mnist_dir: Path
 ) -> None:
-    ckpt_dir = tmp_path / "b-lenet"
-    shutil.copytree(trained["b-lenet"], ckpt_dir)
+    ckpt_dir = copy_of(trained["b-lenet"], tmp_path)
     # make it look like a checkpoint from before predictions were collected
     before = models.load_checkpoint(ckpt_dir)
     assert before.calibration is not None
@@ -113,8 +115,7 @@ def test_recollect_adds_predictions_without_touching_weights_or_thresholds(
 def test_certified_rule_sets_the_certified_thresholds(
     trained: dict[str, Path], tmp_path: Path
 ) -> None:
-    ckpt_dir = tmp_path / "b-lenet"
-    shutil.copytree(trained["b-lenet"], ckpt_dir)
+    ckpt_dir = copy_of(trained["b-lenet"], tmp_path)
     before = models.load_checkpoint(ckpt_dir)
     # 200 validation samples: a 1 % budget cannot be certified (needs 299 even with no loss)
     with pytest.raises(models.NotCertifiable):

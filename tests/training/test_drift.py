@@ -17,7 +17,7 @@ def test_drift_replay_writes_its_table_and_counts_violations(
         "--val-size", "400", "--batch-size", "64", "--threads", "1", "--no-progress",
         "--epochs", "1", "--out", str(tmp_path / "ck"), "--work-dir", str(tmp_path / "w"),
     ]  # fmt: skip
-    ckpt = train.main(train.get_args_parser().parse_args(argv))
+    ckpt = train.main(train.parse_config(argv))
     args = drift.get_args_parser().parse_args(
         ["--checkpoint", str(ckpt), "--data-dir", str(mnist_dir), "--windows", "3",
          "--window-size", "200", "--epsilon", "0.2", "--shadow-rate", "1",

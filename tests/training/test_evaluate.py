@@ -18,7 +18,7 @@ def trained(data_dir: Path, out: Path, model: str, dataset: str, *extra: str) ->
         "--epochs", "1", "--out", str(out), "--work-dir", str(out) + "-work",
         "--cache-dir", str(out.parent / "cache"), *extra,
     ]  # fmt: skip
-    path = train.main(train.get_args_parser().parse_args(argv))
+    path = train.main(train.parse_config(argv))
     assert path is not None
     return path
 

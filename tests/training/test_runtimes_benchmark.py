@@ -15,7 +15,7 @@ import torch
 
 import models
 from models.runtimes import openvino_has_bf16
-from tests.helpers import sharpen_heads
+from testsupport.checkpoints import sharpen_heads
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import models
-from tests.helpers import sharpen_heads
 from tests.training.conftest import CLASSES
+from testsupport.checkpoints import sharpen_heads
 from training import data as data_mod
 from training import evaluate
 

@@ -19,8 +19,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def run_main(argv: list[str]) -> Path | None:
-    args = train.get_args_parser().parse_args(argv)
-    return train.main(args)
+    return train.main(train.parse_config(argv))
 
 
 def base_args(data_dir: Path, out: Path, *extra: str) -> list[str]:
@@ -42,7 +41,7 @@ def test_a_few_steps_lower_the_joint_loss(mnist_dir: Path) -> None:
         with torch.no_grad():
             return float(train.joint_loss(model(x), ds.val.labels, [1.0, 1.0]))
 
-    args = train.get_args_parser().parse_args(
+    args = train.parse_config(
         [
             "--model",
             "b-lenet",
@@ -55,12 +54,11 @@ def test_a_few_steps_lower_the_joint_loss(mnist_dir: Path) -> None:
             "--no-progress",
         ]
     )
-    args = train.resolve_args(args)
     opt = train.build_optimizer(args, model)
     sched = train.build_scheduler(args, opt, steps_per_epoch=15)
     before = loss()
     train.train_one_epoch(
-        model, opt, sched, ds.train, weights=[1.0, 1.0], mean=mean, std=std, args=args,
+        model, opt, sched, ds.train, weights=[1.0, 1.0], mean=mean, std=std, cfg=args,
         epoch=0, info=train.DistInfo(), device=torch.device("cpu"),
     )  # fmt: skip
     after = loss()
@@ -217,7 +215,7 @@ def test_stop_then_resume_matches_an_uninterrupted_cosine_run(
 
 
 def test_time_budget_shortens_the_run_and_re_spans_the_schedule() -> None:
-    args = train.get_args_parser().parse_args(
+    args = train.parse_config(
         ["--model", "b-lenet", "--dataset", "mnist", "--out", "unused", "--epochs", "10",
          "--schedule", "cosine", "--time-budget", "100"]
     )  # fmt: skip
@@ -261,11 +259,10 @@ def test_a_diverging_run_stops_with_a_clear_error(mnist_dir: Path, tmp_path: Pat
 
 
 def _grad_norm_after_one_step(*extra: str) -> float:
-    args = train.get_args_parser().parse_args(
+    args = train.parse_config(
         ["--model", "b-lenet", "--dataset", "mnist", "--out", "unused", "--batch-size", "8",
          "--no-progress", *extra]
     )  # fmt: skip
-    args = train.resolve_args(args)
     torch.manual_seed(0)
     model = models.build_model("b-lenet")
     split = data_mod.Split(
@@ -275,7 +272,7 @@ def _grad_norm_after_one_step(*extra: str) -> float:
     sched = train.build_scheduler(args, opt, steps_per_epoch=1)
     train.train_one_epoch(
         model, opt, sched, split, weights=[1.0, 1.0], mean=torch.zeros(1), std=torch.ones(1),
-        args=args, epoch=0, info=train.DistInfo(), device=torch.device("cpu"),
+        cfg=args, epoch=0, info=train.DistInfo(), device=torch.device("cpu"),
     )  # fmt: skip
     # the step's gradients are still there (they are dropped at the next step)
     grads = [p.grad.flatten() for p in model.parameters() if p.grad is not None]

@@ -29,7 +29,11 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
+from testsupport.multipart import encode_multipart
+
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# A fixed multipart boundary, so that a case can name a wrong one ("other-...").
+BOUNDARY = "branchy-test-boundary"
 # PNG colour types (PNG spec, IHDR).
 GREY, RGB, PALETTE, GREY_ALPHA, RGBA = 0, 2, 3, 4, 6
 
@@ -325,27 +329,6 @@ class BadCase:
     codes: frozenset[str]
 
 
-def multipart(
-    parts: Sequence[tuple[str, str, str, bytes]], *, boundary: str = "branchy-test-boundary"
-) -> tuple[bytes, str]:
-    """Encode ``multipart/form-data`` by hand (field, filename, content type, data).
-
-    Returns:
-        The body and the matching ``Content-Type`` header value.
-    """
-    out = io.BytesIO()
-    for name, filename, ctype, data in parts:
-        out.write(f"--{boundary}\r\n".encode())
-        out.write(
-            f'Content-Disposition: form-data; name="{name}"; filename="{filename}"\r\n'.encode()
-        )
-        out.write(f"Content-Type: {ctype}\r\n\r\n".encode())
-        out.write(data)
-        out.write(b"\r\n")
-    out.write(f"--{boundary}--\r\n".encode())
-    return out.getvalue(), f"multipart/form-data; boundary={boundary}"
-
-
 def classify_raw(target: Target, data: bytes, ctype: str, query: str = "") -> HttpRequest:
     """A raw-body classify request (one image)."""
     path = f"/v1/models/{target.model}/classify" + (f"?{query}" if query else "")
@@ -357,7 +340,7 @@ def classify_multipart(
 ) -> HttpRequest:
     """A multipart classify request: ``images`` are (content type, bytes) pairs."""
     parts = [(f"image{i}", f"img{i}", ctype, data) for i, (ctype, data) in enumerate(images)]
-    body, ctype = multipart(parts)
+    body, ctype = encode_multipart(parts, boundary=BOUNDARY)
     path = f"/v1/models/{target.model}/classify" + (f"?{query}" if query else "")
     return HttpRequest("POST", path, {"content-type": ctype}, body)
 
@@ -495,7 +478,7 @@ def bad_requests(target: Target) -> list[BadCase]:
         "unsupported_media_type",
     )
 
-    body, ctype = multipart([("image0", "a.png", "image/png", good)])
+    body, ctype = encode_multipart([("image0", "a.png", "image/png", good)], boundary=BOUNDARY)
     add(
         "multipart_no_boundary",
         classify_raw(target, body, "multipart/form-data"),

@@ -1,10 +1,11 @@
 """Helpers shared by the reliability tests and ``benchmarks/soak.py`` / ``benchmarks/fuzz.py``.
 
-* :func:`make_repository`: a model repository with a freshly initialised, seeded
-  checkpoint whose exit heads are sharpened, so that entropies spread over ``[0, ln C]``
-  as a trained network's do (a fresh network's are all near ``ln C``);
-* :class:`ServerProcess`: the real server (``python -m service``) in a child process on a
-  free loopback port, with its log captured to a file;
+* :func:`make_checkpoint` / :func:`make_repository`: a model repository with a freshly
+  initialised, seeded checkpoint whose exit heads are sharpened, so that entropies spread
+  over ``[0, ln C]`` as a trained network's do (a fresh network's are all near ``ln C``);
+  written by the one checkpoint factory, :func:`testsupport.checkpoints.write_checkpoint`;
+* :func:`reliability_server`: the real server (:class:`testsupport.server.ServerProcess`)
+  configured as these checks run it;
 * :class:`OfflineReference`: the checkpoint evaluated in-process, to check served answers;
 * :func:`parse_metrics` / :func:`metric_total`: ``/metrics`` parsed with prometheus_client's
   parser;
@@ -16,12 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,12 +28,10 @@ import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 import models
-from tests.helpers import sharpen_heads
+from testsupport.checkpoints import write_checkpoint
+from testsupport.server import ServerProcess
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 ADMIN_TOKEN = "reliability-admin-token-8f2c"  # >= 8 characters, as the settings require
-MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)
-CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 
 
 # --------------------------------------------------------------------------- models
@@ -51,8 +44,8 @@ def make_checkpoint(
     seed: int = 0,
     thresholds: Sequence[float] | None = None,
 ) -> Path:
-    """Write a seeded, freshly initialised checkpoint (no training: the reliability
-    checks compare served answers with offline ones, not with labels).
+    """A seeded, freshly initialised checkpoint with sharpened heads (no training: the
+    reliability checks compare served answers with offline ones, not with labels).
 
     Args:
         path: checkpoint folder to create.
@@ -60,20 +53,16 @@ def make_checkpoint(
         seed: torch seed of the initialisation.
         thresholds: default thresholds (default: 0.5 per early exit).
     """
-    torch.manual_seed(seed)
-    net = sharpen_heads(models.build_model(architecture))
-    c, h, w = net.input_shape
-    mean, std = (MNIST_MEAN, MNIST_STD) if c == 1 else (CIFAR_MEAN, CIFAR_STD)
-    spec = models.InputSpec(channels=c, height=h, width=w, mean=mean, std=std)
-    if thresholds is None:
-        thresholds = [0.5] * (net.num_exits - 1)
-    return models.save_checkpoint(
+    exits = models.build_model(architecture).num_exits
+    return write_checkpoint(
         path,
-        net,
-        class_names=[f"class{i}" for i in range(net.num_classes)],
-        input_spec=spec,
-        thresholds=thresholds,
-        provenance={"made_by": "tests/service/reliability_support.py", "seed": seed},
+        architecture,
+        seed=seed,
+        calibration=False,
+        sharpen=True,
+        thresholds=[0.5] * (exits - 1) if thresholds is None else thresholds,
+        class_names=[f"class{i}" for i in range(10)],
+        provenance={"made_by": "testsupport/reliability.py", "seed": seed},
     )
 
 
@@ -172,126 +161,21 @@ def spaced_thresholds(entropies: np.ndarray, quantiles: Sequence[float]) -> list
 # --------------------------------------------------------------------------- server
 
 
-def free_port() -> int:
-    """A TCP port free on the loopback interface right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@dataclass
-class ServerProcess:
-    """The real server in a child process, bound to 127.0.0.1 only.
-
-    Args:
-        repository: model repository folder.
-        workdir: where the log and (by default) the state folder go.
-        env: extra ``BRANCHY_*`` settings (strings).
-        command: the module to run (default ``service``; the service's fault-injection
-            wrapper can be given instead).
-    """
-
-    repository: Path
-    workdir: Path
-    env: Mapping[str, str] | None = None
-    command: Sequence[str] = ("-m", "service")
-
-    def __post_init__(self) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = self.workdir / f"server-{self.port}.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def environment(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("BRANCHY_")}
-        env.update(
-            {
-                "BRANCHY_MODEL_REPOSITORY": str(self.repository.resolve()),
-                "BRANCHY_HOST": "127.0.0.1",
-                "BRANCHY_PORT": str(self.port),
-                "BRANCHY_DEVICE": "cpu",
-                "BRANCHY_STATE_DIR": str((self.workdir / "state").resolve()),
-                "BRANCHY_LOG_LEVEL": "INFO",
-                # Two cores shared by server, client and other tests: one intra-op thread
-                # keeps the server from oversubscribing them.
-                "OMP_NUM_THREADS": "1",
-                "PYTHONUNBUFFERED": "1",
-            }
-        )
-        env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p
-        )
-        env.update(self.env or {})
-        return env
-
-    def start(self, *, timeout_s: float = 60.0) -> ServerProcess:
-        """Start the process and wait until ``/readyz`` answers 200."""
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, *self.command],
-            cwd=self.workdir,
-            env=self.environment(),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        log.close()
-        deadline = time.monotonic() + timeout_s
-        with httpx.Client(timeout=2.0) as client:
-            while time.monotonic() < deadline:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(
-                        f"server exited with {self.proc.returncode} during start-up:\n"
-                        f"{self.log_tail()}"
-                    )
-                with contextlib.suppress(httpx.TransportError):
-                    if client.get(f"{self.url}/readyz").status_code == 200:
-                        return self
-                time.sleep(0.1)
-        self.kill()
-        raise RuntimeError(f"server not ready within {timeout_s} s:\n{self.log_tail()}")
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None, "not started"
-        return self.proc.pid
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def terminate(self, *, timeout_s: float = 30.0) -> int:
-        """SIGTERM, then wait for the exit status (SIGKILL after ``timeout_s``)."""
-        assert self.proc is not None, "not started"
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            raise
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-
-    def log_text(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    def log_tail(self, lines: int = 40) -> str:
-        return "\n".join(self.log_text().splitlines()[-lines:])
-
-    def __enter__(self) -> ServerProcess:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        if self.alive():
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.terminate(timeout_s=20)
-        self.kill()
+def reliability_server(
+    repository: Path, workdir: Path, env: Mapping[str, str] | None = None
+) -> ServerProcess:
+    """The real server on ``repository`` as the reliability checks run it: CPU, INFO log,
+    one intra-op thread (server, client and other jobs share two cores), state and log in
+    ``workdir``; ``env`` on top. Use it as a context manager (ready on entry)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    base = {
+        "BRANCHY_MODEL_REPOSITORY": str(repository.resolve()),
+        "BRANCHY_DEVICE": "cpu",
+        "BRANCHY_STATE_DIR": str((workdir / "state").resolve()),
+        "BRANCHY_LOG_LEVEL": "INFO",
+        "OMP_NUM_THREADS": "1",
+    }
+    return ServerProcess({**base, **(env or {})}, workdir / "server.log")
 
 
 def rss_bytes(pid: int) -> int:

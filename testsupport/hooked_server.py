@@ -14,7 +14,7 @@ the environment variable ``BRANCHY_TEST_FAULT_FILE``; the file is read before ev
 
 Usage (the ``start_server(hooked=True)`` fixture does this)::
 
-    BRANCHY_TEST_FAULT_FILE=/tmp/fault python tests/service/hooked_server.py
+    BRANCHY_TEST_FAULT_FILE=/tmp/fault python testsupport/hooked_server.py
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import service.batcher  # noqa: E402  (after the path is set)
@@ -51,7 +51,7 @@ def _hooked_run_model(
     if op == "raise":
         Path(path or "").unlink(missing_ok=True)
         logger.warning("injecting a fault into a batch of %d", x.shape[0])
-        raise RuntimeError("injected fault (tests/service/hooked_server.py)")
+        raise RuntimeError("injected fault (testsupport/hooked_server.py)")
     if op == "sleep":
         time.sleep(float(arg))
     if op == "oom" and x.shape[0] > int(arg):
