@@ -77,6 +77,15 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds per cell")
     p.add_argument("--images", type=int, default=512, help="distinct test images to cycle")
     p.add_argument("--litserve", choices=["auto", "off"], default="auto")
+    p.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME:VAR=VALUE[,VAR=VALUE]",
+        help="also serve both models from a server with these extra BRANCHY_* settings, "
+        "measured in the same interleaved rounds (an A/B of a setting), e.g. "
+        "threaded-decode:BRANCHY_INLINE_DECODE_PIXELS=0",
+    )
     p.add_argument("--ready-timeout", type=float, default=300.0, help="seconds to start")
     p.add_argument(
         "--out", type=Path, default=ROOT / "reports" / "serving" / "latest.json", help="JSON"
@@ -87,7 +96,15 @@ def get_args_parser() -> argparse.ArgumentParser:
 class _Repo(ServiceProcess):
     """branchy-serve serving the two checkpoints, from a temporary repository."""
 
-    def __init__(self, dirs: list[Path], args: argparse.Namespace, tmp: Path) -> None:
+    def __init__(
+        self,
+        dirs: list[Path],
+        args: argparse.Namespace,
+        tmp: Path,
+        extra: dict[str, str] | None = None,
+        label: str = "branchy-serve",
+    ) -> None:
+        tmp.mkdir(parents=True, exist_ok=True)
         repo = tmp / "repo"
         repo.mkdir()
         for d in dirs:
@@ -100,8 +117,18 @@ class _Repo(ServiceProcess):
             "BRANCHY_TORCH_THREADS": str(args.torch_threads),
             "BRANCHY_RUNTIME": args.runtime,
             "BRANCHY_LOG_LEVEL": "WARNING",
+            **(extra or {}),
         }
-        super().__init__(env, log_path=tmp / "server.log", name="branchy-serve")
+        super().__init__(env, log_path=tmp / "server.log", name=label)
+
+
+def parse_variant(text: str) -> tuple[str, dict[str, str]]:
+    """``NAME:VAR=VALUE[,VAR=VALUE]`` -> (name, settings); only ``BRANCHY_*`` variables."""
+    name, sep, rest = text.partition(":")
+    env = dict(pair.split("=", 1) for pair in rest.split(",") if "=" in pair)
+    if not sep or not name or not env or not all(k.startswith("BRANCHY_") for k in env):
+        raise SystemExit(f"--variant {text!r}: expected NAME:BRANCHY_VAR=VALUE[,...]")
+    return name, env
 
 
 class _LitServe:
@@ -207,7 +234,12 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     cks: dict[str, Checkpoint] = {"plain": plain_ck, "branchy": branchy_ck}
     images, source = test_images(plain_ck, args.images)
     tmp = Path(tempfile.mkdtemp(prefix="branchy-serving-"))
-    server = _Repo([args.plain_dir, args.branchy_dir], args, tmp)
+    server = _Repo([args.plain_dir, args.branchy_dir], args, tmp / "main")
+    variants = [parse_variant(v) for v in args.variant]
+    others = {
+        name: _Repo([args.plain_dir, args.branchy_dir], args, tmp / f"v{i}", env, name)
+        for i, (name, env) in enumerate(variants)
+    }
     peer: _LitServe | None = None
     litserve_note: str | None = None
     if args.litserve == "off":
@@ -224,6 +256,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     info: dict[str, Any] = {}
     try:
         server.wait_ready(args.ready_timeout)
+        for other in others.values():
+            other.wait_ready(args.ready_timeout)
         if peer is not None:
             try:
                 peer.wait_ready(args.ready_timeout)
@@ -252,6 +286,10 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         targets: list[tuple[str, str, str]] = [
             ("branchy-serve", role, server.url) for role in ("plain", "branchy")
         ]
+        for name, other in others.items():
+            targets += [
+                (f"branchy-serve[{name}]", role, other.url) for role in ("plain", "branchy")
+            ]
         if peer is not None:
             targets.append(("litserve", "plain", peer.url))
         slice_s = args.duration / args.rounds
@@ -277,6 +315,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             logger.info("round %d/%d done", rnd + 1, args.rounds)
     finally:
         server.stop()
+        for other in others.values():
+            other.stop()
         if peer is not None:
             peer.stop()
         shutil.rmtree(tmp, ignore_errors=True)
@@ -314,6 +354,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             )
         },
         "litserve": litserve_note or "measured",
+        "variants": {name: env for name, env in variants},
         "in_process": {},
         "served": [],
     }
@@ -321,7 +362,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         done, secs = sum(d for d, _ in runs), sum(s for _, s in runs)
         report["in_process"][role] = {"images_per_s": done / secs, "images": done, "seconds": secs}
     for (who, n, c), parts in served.items():
-        system, role = who.split(":")
+        system, _, role = who.rpartition(":")
         row = _merge(parts, cks[role].model.num_exits)
         report["served"].append(
             {
@@ -335,6 +376,24 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         )
     report["ratios"] = ratios(report)
     report["goals"] = goals(report)
+    report["variant_ratios"] = [
+        {
+            "system": r["system"],
+            "role": r["role"],
+            "images_per_request": r["images_per_request"],
+            "concurrency": r["concurrency"],
+            "over_default": r["images_per_s"] / base["images_per_s"],
+        }
+        for r in report["served"]
+        if r["system"].startswith("branchy-serve[")
+        and (
+            base := _row(
+                report, "branchy-serve", r["role"], r["images_per_request"], r["concurrency"]
+            )
+        )
+        is not None
+        and base["images_per_s"] > 0
+    ]
     md = table(report)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
@@ -457,6 +516,11 @@ def table(report: dict[str, Any]) -> str:
             f"{pct(x['branchy_served_over_in_process'])} | {x['served_gain']:.2f}x | "
             f"{x['in_process_gain']:.2f}x | {pct(x['gain_ratio'])} | "
             f"{'-' if peer is None else f'{peer:.2f}x'} |"
+        )
+    for v in report["variant_ratios"]:
+        lines.append(
+            f"- {v['system']}, {v['role']}, {v['images_per_request']} img/req, "
+            f"c={v['concurrency']}: {v['over_default']:.2f}x the default server's img/s"
         )
     lines += ["", "Goals (issue 17):", ""]
     for g in report["goals"]:

@@ -18,7 +18,7 @@ def test_serving_benchmark_smoke(tmp_path: Path) -> None:
          "--plain-dir", str(ROOT / "zoo" / "lenet"), "--branchy-dir", str(ROOT / "zoo" / "b-lenet"),
          "--runtime", "torch", "--duration", "0.5", "--rounds", "1", "--warmup", "0.1",
          "--concurrency", "2", "--shapes", "1", "4", "--images", "16", "--litserve", "off",
-         "--out", str(out)],
+         "--variant", "threaded:BRANCHY_INLINE_DECODE_PIXELS=0", "--out", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=240,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -29,10 +29,17 @@ def test_serving_benchmark_smoke(tmp_path: Path) -> None:
     assert {m["runtime"] for m in report["models"].values()} == {"torch"}
     for role in ("plain", "branchy"):
         assert report["in_process"][role]["images_per_s"] > 0
-    cells = {(r["role"], r["images_per_request"], r["concurrency"]) for r in report["served"]}
-    assert cells == {(role, n, 2) for role in ("plain", "branchy") for n in (1, 4)}
+    cells = {(r["system"], r["role"], r["images_per_request"], r["concurrency"])
+             for r in report["served"]}  # fmt: skip
+    assert cells == {
+        (system, role, n, 2)
+        for system in ("branchy-serve", "branchy-serve[threaded]")
+        for role in ("plain", "branchy")
+        for n in (1, 4)
+    }
+    assert report["variants"] == {"threaded": {"BRANCHY_INLINE_DECODE_PIXELS": "0"}}
+    assert len(report["variant_ratios"]) == 4
     for row in report["served"]:
-        assert row["system"] == "branchy-serve"
         assert row["errors"] == 0 and row["requests"] > 0
         assert row["images"] == row["requests"] * row["images_per_request"]
         assert row["p50_ms"] <= row["p99_ms"]
