@@ -84,7 +84,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         metavar="NAME:VAR=VALUE[,VAR=VALUE]",
         help="also serve both models from a server with these extra BRANCHY_* settings, "
         "measured in the same interleaved rounds (an A/B of a setting), e.g. "
-        "threaded-decode:BRANCHY_INLINE_DECODE_PIXELS=0",
+        "inline:BRANCHY_INLINE_DECODE_PIXELS=4096",
     )
     p.add_argument("--ready-timeout", type=float, default=300.0, help="seconds to start")
     p.add_argument(

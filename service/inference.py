@@ -1,6 +1,6 @@
 """Shared steps of the classify and v2 routes: thresholds from a request, decoding (in a
-worker thread unless the images are tiny), and submitting to a model's batcher with the
-request's deadline."""
+worker thread, or on the loop for tiny images when configured), and submitting to a
+model's batcher with the request's deadline."""
 
 from __future__ import annotations
 
@@ -131,8 +131,8 @@ def _decode_inline(
     images: Sequence[tuple[str | None, bytes]], model: ServedModel, settings: Settings
 ) -> list[Tensor] | None:
     """The request's inputs decoded here, on the event loop, when its images are small
-    enough (``inline_decode_pixels``) that a worker thread's hop would cost more than
-    the work; None when they are not (decode them in a thread).
+    enough (``inline_decode_pixels``, 0 by default: off) to skip a worker thread's hop;
+    None when they are not (decode them in a thread).
 
     The encoded size is checked first, so that no large file's header (a progressive
     JPEG's scans are counted by reading it) is parsed on the loop.

@@ -27,12 +27,12 @@ def test_inline_and_threaded_decoding_answer_alike(
     make_client: Callable[..., TestClient],
 ) -> None:
     pixels = random_pixels(CIFAR, 8, seed=3)
-    small = [encode(p) for p in pixels[:2]]  # 2 x 1024 px: inline by default
-    many = [encode(p) for p in pixels]  # 8192 px: over the default budget, a thread
+    small = [encode(p) for p in pixels[:2]]  # 2 x 1024 px: inline with a 4096 px budget
+    many = [encode(p) for p in pixels]  # 8192 px: over the budget, a thread
     # 1000x1000 px compressing to a few KiB: small file, but too many pixels for inline
     flat = encode(np.full((1000, 1000, 3), 128, dtype=np.uint8))
     assert len(flat) < 4 * 4096
-    inline, threaded = make_client(), make_client(inline_decode_pixels=0)
+    inline, threaded = make_client(inline_decode_pixels=4096), make_client()
     for images in (small, many, [flat], [*small, flat]):
         assert _classify(inline, images) == _classify(threaded, images)
 
@@ -41,7 +41,7 @@ def test_inline_decoding_refuses_bad_images_like_the_thread(
     make_client: Callable[..., TestClient],
 ) -> None:
     good = encode(random_pixels(CIFAR, 1)[0])
-    for client in (make_client(), make_client(inline_decode_pixels=0)):
+    for client in (make_client(inline_decode_pixels=4096), make_client()):
         for body in (b"no image at all", good[: len(good) // 2]):
             resp = client.post(URL, content=body, headers={"content-type": "image/png"})
             assert resp.status_code == 400, resp.text

@@ -18,7 +18,7 @@ def test_serving_benchmark_smoke(tmp_path: Path) -> None:
          "--plain-dir", str(ROOT / "zoo" / "lenet"), "--branchy-dir", str(ROOT / "zoo" / "b-lenet"),
          "--runtime", "torch", "--duration", "0.5", "--rounds", "1", "--warmup", "0.1",
          "--concurrency", "2", "--shapes", "1", "4", "--images", "16", "--litserve", "off",
-         "--variant", "threaded:BRANCHY_INLINE_DECODE_PIXELS=0", "--out", str(out)],
+         "--variant", "inline:BRANCHY_INLINE_DECODE_PIXELS=4096", "--out", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=240,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -33,11 +33,11 @@ def test_serving_benchmark_smoke(tmp_path: Path) -> None:
              for r in report["served"]}  # fmt: skip
     assert cells == {
         (system, role, n, 2)
-        for system in ("branchy-serve", "branchy-serve[threaded]")
+        for system in ("branchy-serve", "branchy-serve[inline]")
         for role in ("plain", "branchy")
         for n in (1, 4)
     }
-    assert report["variants"] == {"threaded": {"BRANCHY_INLINE_DECODE_PIXELS": "0"}}
+    assert report["variants"] == {"inline": {"BRANCHY_INLINE_DECODE_PIXELS": "4096"}}
     assert len(report["variant_ratios"]) == 4
     for row in report["served"]:
         assert row["errors"] == 0 and row["requests"] > 0
