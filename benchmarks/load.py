@@ -268,13 +268,14 @@ def closed_loop(
 ) -> tuple[Cell, float]:
     """``concurrency`` threads, each sending its next request when the last is answered."""
     parsed = urllib.parse.urlsplit(url)
+    host = parsed.hostname or "127.0.0.1"
     path = f"/v1/models/{model}/classify"
     cell, lock = Cell(), threading.Lock()
     sent = [0]
     stop_at = time.perf_counter() + seconds
 
     def worker(seed: int) -> None:
-        conn = http.client.HTTPConnection(parsed.hostname, parsed.port, timeout=60)
+        conn = http.client.HTTPConnection(host, parsed.port, timeout=60)
         k = seed
         while time.perf_counter() < stop_at:
             with lock:
@@ -284,6 +285,7 @@ def closed_loop(
             body, ctype = bodies[k % len(bodies)]
             k += concurrency
             t0 = time.perf_counter()
+            status: int | str
             try:
                 conn.request("POST", path, body=body, headers={"Content-Type": ctype})
                 resp = conn.getresponse()
@@ -291,7 +293,7 @@ def closed_loop(
                 status = resp.status
             except (OSError, http.client.HTTPException) as exc:
                 conn.close()
-                conn = http.client.HTTPConnection(parsed.hostname, parsed.port, timeout=60)
+                conn = http.client.HTTPConnection(host, parsed.port, timeout=60)
                 status, data = type(exc).__name__, b""
             dt = time.perf_counter() - t0
             with lock:
@@ -370,7 +372,7 @@ def _request(
     url: str, method: str, path: str, body: Any = None, token: str | None = None
 ) -> tuple[int, Any]:
     parsed = urllib.parse.urlsplit(url)
-    conn = http.client.HTTPConnection(parsed.hostname, parsed.port, timeout=30)
+    conn = http.client.HTTPConnection(parsed.hostname or "127.0.0.1", parsed.port, timeout=30)
     headers = {"Content-Type": "application/json"}
     if token:
         headers["Authorization"] = f"Bearer {token}"
