@@ -270,7 +270,9 @@ class LimitsMiddleware:
                 return await receive()
             remaining = body_deadline - time.monotonic()
             try:
-                message = await asyncio.wait_for(receive(), timeout=max(remaining, 1e-3))
+                # asyncio.timeout, not wait_for: no task per body chunk on the hot path
+                async with asyncio.timeout(max(remaining, 1e-3)):
+                    message = await receive()
             except TimeoutError:
                 raise StarletteHTTPException(
                     408,

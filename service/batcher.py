@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, overload
 
 import torch
 from torch import Tensor
@@ -181,7 +181,15 @@ class Engine:
             self._pinned_buffer = torch.empty(shape, dtype=torch.float32).pin_memory()
         return self._pinned_buffer[:n]
 
-    def run(self, x: Tensor, thresholds: Tensor, release: Release | None = None) -> BatchOutput:
+    @overload
+    def run(self, x: Tensor, thresholds: Tensor, release: None = None) -> BatchOutput: ...
+
+    @overload
+    def run(self, x: Tensor, thresholds: Tensor, release: Release) -> None: ...
+
+    def run(
+        self, x: Tensor, thresholds: Tensor, release: Release | None = None
+    ) -> BatchOutput | None:
         """Classify a CPU batch.
 
         Args:
@@ -189,6 +197,10 @@ class Engine:
             thresholds: ``(B, E-1)`` float32 per-sample thresholds.
             release: called with the samples leaving at each exit as soon as it is
                 decided (see ``models.engine.early_exit``).
+
+        Returns:
+            The whole batch's answers; None when ``release`` is given: every answer went
+            to it already, and the serving hot path would only throw a second copy away.
         """
         with torch.inference_mode():
             if self.device.type == "cuda":
@@ -205,6 +217,8 @@ class Engine:
             result = split_on_oom(
                 lambda xb, tb, rel=None: run_model(runner, xb, tb, rel), x, thresholds, release
             )
+            if release is not None:
+                return None
             probs = torch.softmax(result.logits.float(), dim=1)
             return BatchOutput(probs.cpu(), result.exit_index.cpu(), result.entropy.float().cpu())
 
@@ -246,6 +260,7 @@ class Classified:
     batch_size: int
     thresholds: tuple[float, ...]
     class_names: Sequence[str]  # of the engine that answered (a reload may follow)
+    finite: bool = True  # entropy and every probability finite (checked per batch)
 
 
 @dataclass(eq=False)
@@ -497,26 +512,30 @@ class Batcher:
         start = time.perf_counter()
 
         def release(rows: Tensor, exit_index: int, logits: Tensor, entropy: Tensor) -> None:
+            # Once per exit of the batch: tensors turned into Python lists in one call
+            # each and metric children resolved once, not per image.
             elapsed = time.perf_counter() - start
             probs = torch.softmax(logits.float(), dim=1).cpu()
             conf, cls = probs.max(dim=1)
-            entropies = entropy.float().cpu().tolist()
+            ent_t = entropy.float().cpu()
+            finite = (probs.isfinite().all(dim=1) & ent_t.isfinite()).tolist()
+            entropies, confs, classes = ent_t.tolist(), conf.tolist(), cls.tolist()
             ex = str(exit_index)
+            wait_h, entropy_h = m.queue_wait.labels(name), m.exit_entropy.labels(name, ex)
             answers = []
             for k, r in enumerate(rows.tolist()):
                 if answered[r]:
                     continue
                 answered[r] = True
                 item, ent = batch[r], entropies[k]
-                m.queue_wait.labels(name).observe(item.wait_s)
-                m.exits.labels(name, ex).inc()
-                m.exit_entropy.labels(name, ex).observe(ent if math.isfinite(ent) else 0.0)
+                wait_h.observe(item.wait_s)
+                entropy_h.observe(ent if math.isfinite(ent) else 0.0)
                 answers.append(
                     (
                         item,
                         Classified(
-                            class_index=int(cls[k]),
-                            confidence=float(conf[k]),
+                            class_index=classes[k],
+                            confidence=confs[k],
                             entropy=ent,
                             exit_index=exit_index,
                             probabilities=probs[k],
@@ -525,9 +544,12 @@ class Batcher:
                             batch_size=n,
                             thresholds=per_sample[r],
                             class_names=names,
+                            finite=finite[k],
                         ),
                     )
                 )
+            if answers:
+                m.exits.labels(name, ex).inc(len(answers))
             deliver(answers)
             if self.shadow is not None:  # cheap: samples and queues, never computes here
                 self.shadow.offer(engine, [(item.x, out) for item, out in answers])

@@ -1,4 +1,9 @@
-"""Typed dependencies: the long-lived objects on ``app.state``, reached per request."""
+"""Typed dependencies: the long-lived objects on ``app.state``, reached per request.
+
+All of them are ``async def`` although none awaits: FastAPI runs a plain ``def``
+dependency in anyio's thread pool, a thread hop (and GIL hand-off) per dependency per
+request on the hot path; these only read ``app.state`` and never block.
+"""
 
 from __future__ import annotations
 
@@ -20,17 +25,17 @@ logger = logging.getLogger(__name__)
 MODEL_NAME = Path(description="Model name (its checkpoint folder's name).", max_length=128)
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings
 
 
-def get_metrics(request: Request) -> Metrics:
+async def get_metrics(request: Request) -> Metrics:
     metrics: Metrics = request.app.state.metrics
     return metrics
 
 
-def get_model(request: Request, name: Annotated[str, MODEL_NAME]) -> ServedModel:
+async def get_model(request: Request, name: Annotated[str, MODEL_NAME]) -> ServedModel:
     """The loaded model called ``name``: looked up in the loaded set, never on disk."""
     served: dict[str, ServedModel] = request.app.state.models
     model = served.get(name)
@@ -50,7 +55,7 @@ _bearer = HTTPBearer(
 )
 
 
-def require_admin(
+async def require_admin(
     request: Request,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> None:

@@ -1,5 +1,6 @@
-"""Shared steps of the classify and v2 routes: thresholds from a request, decoding off
-the event loop, and submitting to a model's batcher with the request's deadline."""
+"""Shared steps of the classify and v2 routes: thresholds from a request, decoding (in a
+worker thread, or on the loop for tiny images when configured), and submitting to a
+model's batcher with the request's deadline."""
 
 from __future__ import annotations
 
@@ -51,27 +52,16 @@ def parse_thresholds(
         raise ValidationFailed(f"invalid thresholds {text[:100]!r}: {exc}") from None
 
 
-def decode_many(
-    images: Sequence[tuple[str | None, bytes]],
-    model: ServedModel,
-    settings: Settings,
-    *,
-    deadline: float = math.inf,
-    stop: threading.Event | None = None,
-) -> list[Tensor]:
-    """Decode and preprocess a request's images (blocking; run it in a thread).
+def _open_checked(
+    images: Sequence[tuple[str | None, bytes]], settings: Settings
+) -> tuple[list[str], list[Image.Image], int]:
+    """Every image's header opened and checked (format, pixels, JPEG scans, and the
+    pixels of all images together against ``max_request_pixels``), nothing decoded.
 
-    Every header is read and checked first (format, pixels, JPEG scans, and the pixels of
-    all images together against ``max_request_pixels``), so nothing is decoded for a
-    request that would be refused; then the images are decoded one by one, and the work
-    stops before the next image once ``deadline`` (``time.monotonic()``) has passed or
-    ``stop`` is set.
-
-    Raises:
-        BadImage, PayloadTooLarge: from the checks.
-        DeadlineExceeded: the deadline passed (or ``stop`` was set) before the end.
+    Returns:
+        The images' labels for messages, the opened images (the caller closes them) and
+        their pixels together.
     """
-    spec = model.checkpoint.input_spec
     labels = [
         f"image {i}" + (f" ({filename[:64]!r})" if filename else "")
         for i, (filename, _) in enumerate(images)
@@ -93,6 +83,36 @@ def decode_many(
                 f"the request's {len(images)} images hold {total} pixels together; the "
                 f"limit per request is {settings.max_request_pixels}"
             )
+    except BaseException:
+        for img in opened:
+            img.close()
+        raise
+    return labels, opened, total
+
+
+def decode_many(
+    images: Sequence[tuple[str | None, bytes]],
+    model: ServedModel,
+    settings: Settings,
+    *,
+    deadline: float = math.inf,
+    stop: threading.Event | None = None,
+) -> list[Tensor]:
+    """Decode and preprocess a request's images (blocking; run it in a thread).
+
+    Every header is read and checked first (format, pixels, JPEG scans, and the pixels of
+    all images together against ``max_request_pixels``), so nothing is decoded for a
+    request that would be refused; then the images are decoded one by one, and the work
+    stops before the next image once ``deadline`` (``time.monotonic()``) has passed or
+    ``stop`` is set.
+
+    Raises:
+        BadImage, PayloadTooLarge: from the checks.
+        DeadlineExceeded: the deadline passed (or ``stop`` was set) before the end.
+    """
+    spec = model.checkpoint.input_spec
+    labels, opened, _ = _open_checked(images, settings)
+    try:
         out = []
         for label, img in zip(labels, opened, strict=True):
             if time.monotonic() > deadline or (stop is not None and stop.is_set()):
@@ -107,6 +127,34 @@ def decode_many(
             img.close()
 
 
+def _decode_inline(
+    images: Sequence[tuple[str | None, bytes]], model: ServedModel, settings: Settings
+) -> list[Tensor] | None:
+    """The request's inputs decoded here, on the event loop, when its images are small
+    enough (``inline_decode_pixels``, 0 by default: off) to skip a worker thread's hop;
+    None when they are not (decode them in a thread).
+
+    The encoded size is checked first, so that no large file's header (a progressive
+    JPEG's scans are counted by reading it) is parsed on the loop.
+    """
+    budget = settings.inline_decode_pixels
+    # 4 bytes per pixel: above any sane encoding of an image that small
+    if budget <= 0 or sum(len(data) for _, data in images) > 4 * budget:
+        return None
+    labels, opened, total = _open_checked(images, settings)
+    try:
+        if total > budget:
+            return None
+        spec = model.checkpoint.input_spec
+        return [
+            to_input(load_pixels(img, label=label), spec, label=label)
+            for label, img in zip(labels, opened, strict=True)
+        ]
+    finally:
+        for img in opened:
+            img.close()
+
+
 async def decode(
     images: Sequence[tuple[str | None, bytes]],
     model: ServedModel,
@@ -114,7 +162,9 @@ async def decode(
     *,
     started: float | None = None,
 ) -> list[Tensor]:
-    """Decode in a worker thread, answering by the request's deadline at the latest.
+    """Decode the request's images: on the event loop when they are small (at most
+    ``inline_decode_pixels`` pixels together), else in a worker thread, answering by the
+    request's deadline at the latest.
 
     Args:
         images: (filename, bytes) of each image.
@@ -123,18 +173,21 @@ async def decode(
         started: ``time.monotonic()`` when the request arrived (default: now).
 
     Raises:
+        BadImage, PayloadTooLarge: from the checks (see :func:`decode_many`).
         DeadlineExceeded: the deadline passed while decoding; the worker thread stops
             before its next image, so the request holds it no longer than one image.
     """
+    inline = _decode_inline(images, model, settings)
+    if inline is not None:
+        return inline
     deadline = (time.monotonic() if started is None else started) + settings.request_timeout_s
     stop = threading.Event()
     work = asyncio.ensure_future(
         asyncio.to_thread(decode_many, images, model, settings, deadline=deadline, stop=stop)
     )
     try:
-        return await asyncio.wait_for(
-            asyncio.shield(work), timeout=max(0.0, deadline - time.monotonic())
-        )
+        async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+            return await asyncio.shield(work)
     except TimeoutError:
         raise DeadlineExceeded(
             f"decoding the images did not finish within the request timeout of "
@@ -177,7 +230,13 @@ async def classify(
     futures = model.batcher.submit(inputs, deadline=deadline, thresholds=thresholds)
     wait = max(0.0, deadline - time.monotonic()) + COMPUTE_GRACE_S
     try:
-        answers = list(await asyncio.wait_for(asyncio.gather(*futures), timeout=wait))
+        # asyncio.timeout, not wait_for, and a lone future awaited as it is: no extra
+        # task per request on the hot path
+        async with asyncio.timeout(wait):
+            if len(futures) == 1:
+                answers = [await futures[0]]
+            else:
+                answers = list(await asyncio.gather(*futures))
     except TimeoutError:
         raise DeadlineExceeded(
             f"no answer within the request timeout of {settings.request_timeout_s} s"
@@ -199,7 +258,7 @@ async def classify(
 
 
 def _finite(answer: Classified) -> bool:
-    return math.isfinite(answer.entropy) and bool(answer.probabilities.isfinite().all())
+    return answer.finite  # computed once per batch exit by the batcher
 
 
 def encode_thresholds(thresholds: Sequence[float]) -> list[float | Literal["inf"]]:

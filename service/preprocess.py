@@ -1,8 +1,9 @@
 """Image bytes -> the normalised tensor a checkpoint's network expects.
 
-Decoding runs in worker threads (never on the event loop). Untrusted bytes are checked
-in steps that each fail with a clear ``BadImage``/``PayloadTooLarge`` before the next,
-more expensive, step: format from the header, then the declared size against the pixel
+Decoding runs in worker threads (optionally, ``BRANCHY_INLINE_DECODE_PIXELS``, a request
+of a few tiny images on the event loop).
+Untrusted bytes are checked in steps that each fail with a clear
+``BadImage``/``PayloadTooLarge`` before the next, more expensive, step: format from the header, then the declared size against the pixel
 limit and a JPEG's scan count against the scan limit (:func:`open_image`), and only then
 the pixel data (:func:`load_pixels`).
 """

@@ -48,6 +48,12 @@ class Settings(BaseSettings):
             work one request can ask for.
         max_jpeg_scans: most scans of one JPEG, counted before decoding (413 beyond);
             every scan of a progressive JPEG is another pass over its pixels.
+        inline_decode_pixels: a request whose images hold at most this many pixels
+            together (read from their headers) is decoded on the event loop instead of in
+            a worker thread, saving the thread hop (0, the default = always in a thread:
+            on the 2-core CPU inline decoding measured slower, because Pillow releases the
+            GIL while decoding and a thread overlaps it with the event loop; see
+            docs/serving-performance.md).
         admin_token: bearer token of the admin routes; unset = admin routes off.
         state_dir: where per-model threshold changes are persisted.
         state_poll_s: how often to look for threshold files changed by another replica
@@ -105,6 +111,7 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(default=4096 * 4096, ge=1)
     max_request_pixels: int = Field(default=2 * 4096 * 4096, ge=1)
     max_jpeg_scans: int = Field(default=32, ge=1, le=100_000)
+    inline_decode_pixels: int = Field(default=0, ge=0, le=1 << 20)
     admin_token: SecretStr | None = None
     state_dir: Path = Path("state")
     state_poll_s: float = Field(default=5.0, ge=0)

@@ -1,0 +1,535 @@
+"""The served path side by side with its ceiling and a peer server, in one run.
+
+For a plain checkpoint and its branchy counterpart (default zoo/alexnet, zoo/b-alexnet)
+it measures, in interleaved rounds so that a shared machine's drift hits every cell
+alike:
+
+* served: one ``python -m service`` process serving both models (the default runtime
+  unless ``--runtime``), closed-loop clients (``benchmarks/load.py``'s) at each
+  concurrency, with 1 and with 16 CIFAR-10 test JPEGs per multipart request, each model
+  at its own checkpoint's thresholds;
+* in-process: the same checkpoints on the same runtime (``service.batcher.Engine``,
+  what the server runs) on already decoded images, batches of the server's max batch
+  size: the ceiling of serving;
+* LitServe (when installed, ``pip install -e '.[bench]'``): the same plain checkpoint on
+  the same runtime behind LitServe's dynamic batching (``benchmarks/litserve_peer.py``),
+  the same client and requests. Skipped with a message when LitServe is not installed
+  or does not start.
+
+It reports img/s, p50/p99 per cell, served/in-process, the served early-exit gain
+(branchy / plain img/s) over the in-process gain, served/LitServe, and the issue's goals
+met or not. Prints a Markdown table; writes JSON and Markdown (``--out``).
+
+    .venv/bin/python benchmarks/serving.py                        # ~4 min on 2 cores
+    .venv/bin/python benchmarks/serving.py --duration 1 --rounds 1 --concurrency 2 \\
+        --shapes 1 --litserve off --out /tmp/serving.json          # seconds: a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.load import Cell, closed_loop, multipart, summarise, test_images  # noqa: E402
+from benchmarks.runtimes import cpu_info  # noqa: E402
+from models import Checkpoint, load_checkpoint  # noqa: E402
+from service.batcher import Engine  # noqa: E402
+from service.preprocess import preprocess  # noqa: E402
+from testsupport.server import ServerProcess, free_port  # noqa: E402
+
+logger = logging.getLogger("serving")
+
+# The issue's goals (issue 17), checked on every run.
+GOAL_SINGLE_C32 = 0.60  # 1-image requests at the highest concurrency: served / in-process
+GOAL_MULTI = 0.85  # 16-image requests: served / in-process
+GOAL_GAIN = 0.90  # served early-exit gain / in-process gain
+GOAL_PEER = 1.5  # served img/s / LitServe img/s (plain model)
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--plain-dir", type=Path, default=ROOT / "zoo" / "alexnet")
+    p.add_argument("--branchy-dir", type=Path, default=ROOT / "zoo" / "b-alexnet")
+    p.add_argument("--runtime", default="auto", help="BRANCHY_RUNTIME of server and ceiling")
+    p.add_argument("--torch-threads", type=int, default=1, help="BRANCHY_TORCH_THREADS")
+    p.add_argument("--max-batch-size", type=int, default=64)
+    p.add_argument("--max-batch-delay-ms", type=float, default=2.0)
+    p.add_argument("--shapes", type=int, nargs="+", default=[1, 16], help="images per request")
+    p.add_argument("--concurrency", type=int, nargs="+", default=[8, 32])
+    p.add_argument("--duration", type=float, default=6.0, help="measured seconds per cell")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
+    p.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds per cell")
+    p.add_argument("--images", type=int, default=512, help="distinct test images to cycle")
+    p.add_argument("--litserve", choices=["auto", "off"], default="auto")
+    p.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME:VAR=VALUE[,VAR=VALUE]",
+        help="also serve both models from a server with these extra BRANCHY_* settings, "
+        "measured in the same interleaved rounds (an A/B of a setting), e.g. "
+        "inline:BRANCHY_INLINE_DECODE_PIXELS=4096",
+    )
+    p.add_argument("--ready-timeout", type=float, default=300.0, help="seconds to start")
+    p.add_argument(
+        "--out", type=Path, default=ROOT / "reports" / "serving" / "latest.json", help="JSON"
+    )
+    return p
+
+
+class _Repo(ServerProcess):
+    """branchy-serve serving the two checkpoints, from a temporary repository."""
+
+    def __init__(
+        self,
+        dirs: list[Path],
+        args: argparse.Namespace,
+        tmp: Path,
+        extra: dict[str, str] | None = None,
+        label: str = "branchy-serve",
+    ) -> None:
+        tmp.mkdir(parents=True, exist_ok=True)
+        repo = tmp / "repo"
+        repo.mkdir()
+        for d in dirs:
+            (repo / d.name).symlink_to(d.resolve())
+        env = {
+            "BRANCHY_MODEL_REPOSITORY": str(repo),
+            "BRANCHY_STATE_DIR": str(tmp / "state"),
+            "BRANCHY_MAX_BATCH_SIZE": str(args.max_batch_size),
+            "BRANCHY_MAX_BATCH_DELAY_MS": str(args.max_batch_delay_ms),
+            "BRANCHY_TORCH_THREADS": str(args.torch_threads),
+            "BRANCHY_RUNTIME": args.runtime,
+            "BRANCHY_LOG_LEVEL": "WARNING",
+            "BRANCHY_STATE_POLL_S": "0",  # one server: nothing to poll for
+            **(extra or {}),
+        }
+        super().__init__(env, log_path=tmp / "server.log", name=label, strict=True)
+
+
+def parse_variant(text: str) -> tuple[str, dict[str, str]]:
+    """``NAME:VAR=VALUE[,VAR=VALUE]`` -> (name, settings); only ``BRANCHY_*`` variables."""
+    name, sep, rest = text.partition(":")
+    env = dict(pair.split("=", 1) for pair in rest.split(",") if "=" in pair)
+    if not sep or not name or not env or not all(k.startswith("BRANCHY_") for k in env):
+        raise SystemExit(f"--variant {text!r}: expected NAME:BRANCHY_VAR=VALUE[,...]")
+    return name, env
+
+
+class _LitServe:
+    """``benchmarks/litserve_peer.py`` in its own process (it starts its own workers)."""
+
+    def __init__(self, plain: Path, args: argparse.Namespace, tmp: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = tmp / "litserve.log"
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        cmd = [
+            sys.executable,
+            str(ROOT / "benchmarks" / "litserve_peer.py"),
+            f"--model-dir={plain}",
+            f"--port={self.port}",
+            f"--max-batch-size={args.max_batch_size}",
+            f"--batch-timeout-ms={args.max_batch_delay_ms}",
+            f"--runtime={args.runtime}",
+            f"--torch-threads={args.torch_threads}",
+        ]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("BRANCHY_")}
+        self.proc = subprocess.Popen(
+            cmd,
+            cwd=ROOT,
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"LitServe exited with {self.proc.returncode}: {self.tail()}")
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=2.0)
+                conn.request("GET", "/health")
+                if conn.getresponse().status == 200:
+                    return
+            except (OSError, http.client.HTTPException):
+                pass
+            time.sleep(0.5)
+        raise TimeoutError(f"LitServe not ready after {timeout:.0f} s: {self.tail()}")
+
+    def tail(self, lines: int = 5) -> str:
+        self._log.flush()
+        return " | ".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, 15)  # its own session: the server and its workers
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, 9)
+                self.proc.wait(10)
+        self._log.close()
+
+
+def _get(url: str, path: str) -> Any:
+    host, port = url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    try:
+        conn.request("GET", path)
+        return json.loads(conn.getresponse().read())
+    finally:
+        conn.close()
+
+
+def in_process(
+    engine: Engine, xs: torch.Tensor, thresholds: list[float], *, batch: int, seconds: float
+) -> tuple[int, float]:
+    """Images run and seconds spent by ``engine`` in batches of ``batch`` for ``seconds``."""
+    t = torch.tensor([thresholds], dtype=torch.float32)
+    done, k, start = 0, 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        lo = (k * batch) % (len(xs) - batch + 1)
+        x = xs[lo : lo + batch]
+        engine.run(x, t.expand(len(x), -1).contiguous())
+        done += len(x)
+        k += 1
+    return done, time.perf_counter() - start
+
+
+def _merge(parts: list[tuple[Cell, float]], num_exits: int) -> dict[str, Any]:
+    merged = Cell()
+    for cell, _ in parts:
+        merged.latencies += cell.latencies
+        merged.images += cell.images
+        for k, v in cell.errors.items():
+            merged.errors[k] = merged.errors.get(k, 0) + v
+        for e, v in cell.exits.items():
+            merged.exits[e] = merged.exits.get(e, 0) + v
+    return summarise(merged, sum(s for _, s in parts), num_exits)
+
+
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    torch.set_num_threads(args.torch_threads)
+    plain_ck, branchy_ck = load_checkpoint(args.plain_dir), load_checkpoint(args.branchy_dir)
+    names = {"plain": args.plain_dir.name, "branchy": args.branchy_dir.name}
+    cks: dict[str, Checkpoint] = {"plain": plain_ck, "branchy": branchy_ck}
+    images, source = test_images(plain_ck, args.images)
+    tmp = Path(tempfile.mkdtemp(prefix="branchy-serving-"))
+    server = _Repo([args.plain_dir, args.branchy_dir], args, tmp / "main")
+    variants = [parse_variant(v) for v in args.variant]
+    others = {
+        name: _Repo([args.plain_dir, args.branchy_dir], args, tmp / f"v{i}", env, name)
+        for i, (name, env) in enumerate(variants)
+    }
+    peer: _LitServe | None = None
+    litserve_note: str | None = None
+    if args.litserve == "off":
+        litserve_note = "skipped: --litserve off"
+    else:
+        try:
+            import litserve  # noqa: F401
+        except ImportError:
+            litserve_note = "skipped: LitServe is not installed (pip install -e '.[bench]')"
+        else:
+            peer = _LitServe(args.plain_dir, args, tmp)
+    served: dict[tuple[str, int, int], list[tuple[Cell, float]]] = {}
+    bound: dict[str, list[tuple[int, float]]] = {"plain": [], "branchy": []}
+    info: dict[str, Any] = {}
+    try:
+        server.wait_ready(args.ready_timeout)
+        for other in others.values():
+            other.wait_ready(args.ready_timeout)
+        if peer is not None:
+            try:
+                peer.wait_ready(args.ready_timeout)
+            except (RuntimeError, TimeoutError) as exc:
+                litserve_note = f"skipped: LitServe did not start ({exc})"
+                peer.stop()
+                peer = None
+        engines: dict[str, Engine] = {}
+        thresholds: dict[str, list[float]] = {}
+        for role, ck in cks.items():
+            info[role] = _get(server.url, f"/v1/models/{names[role]}")
+            runtime = str(info[role].get("runtime", args.runtime))
+            engines[role] = Engine(
+                ck, torch.device("cpu"), runtime=runtime, threads=args.torch_threads
+            )
+            thresholds[role] = [float(t) for t in ck.thresholds]
+        xs = torch.stack([preprocess(b, plain_ck.input_spec, max_pixels=1 << 24) for b in images])
+        xs = xs.repeat(max(1, -(-args.max_batch_size * 2 // len(xs))), 1, 1, 1)
+        bodies = {
+            n: [
+                multipart([images[(k * n + j) % len(images)] for j in range(n)])
+                for k in range(max(1, len(images) // n))
+            ]
+            for n in args.shapes
+        }
+        targets: list[tuple[str, str, str]] = [
+            ("branchy-serve", role, server.url) for role in ("plain", "branchy")
+        ]
+        for name, other in others.items():
+            targets += [
+                (f"branchy-serve[{name}]", role, other.url) for role in ("plain", "branchy")
+            ]
+        if peer is not None:
+            targets.append(("litserve", "plain", peer.url))
+        slice_s = args.duration / args.rounds
+        for rnd in range(args.rounds):
+            for n in args.shapes:
+                for c in args.concurrency:
+                    for system, role, url in targets:
+                        load = {"concurrency": c, "max_requests": 10**7}
+                        if rnd == 0:
+                            closed_loop(url, names[role], bodies[n], seconds=args.warmup, **load)
+                        cell = closed_loop(url, names[role], bodies[n], seconds=slice_s, **load)
+                        served.setdefault((system + ":" + role, n, c), []).append(cell)
+            for role, engine in engines.items():  # the servers are idle now
+                bound[role].append(
+                    in_process(
+                        engine,
+                        xs,
+                        thresholds[role],
+                        batch=args.max_batch_size,
+                        seconds=max(0.5, slice_s / 2),
+                    )
+                )
+            logger.info("round %d/%d done", rnd + 1, args.rounds)
+    finally:
+        server.stop()
+        for other in others.values():
+            other.stop()
+        if peer is not None:
+            peer.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    report: dict[str, Any] = {
+        "command": "python " + " ".join([os.path.relpath(__file__, ROOT), *sys.argv[1:]]),
+        "machine": {
+            "cpu": cpu_info(),
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "torch": torch.__version__,
+            "load_average_at_end": list(os.getloadavg()),
+        },
+        "models": {
+            role: {
+                "name": names[role],
+                "architecture": cks[role].model.name,
+                "runtime": info[role].get("runtime"),
+                "thresholds": thresholds[role],
+            }
+            for role in cks
+        },
+        "images": source,
+        "settings": {
+            k: getattr(args, k)
+            for k in (
+                "max_batch_size",
+                "max_batch_delay_ms",
+                "torch_threads",
+                "shapes",
+                "concurrency",
+                "duration",
+                "rounds",
+                "warmup",
+            )
+        },
+        "litserve": litserve_note or "measured",
+        "variants": {name: env for name, env in variants},
+        "in_process": {},
+        "served": [],
+    }
+    for role, runs in bound.items():
+        done, secs = sum(d for d, _ in runs), sum(s for _, s in runs)
+        report["in_process"][role] = {"images_per_s": done / secs, "images": done, "seconds": secs}
+    for (who, n, c), parts in served.items():
+        system, _, role = who.rpartition(":")
+        row = _merge(parts, cks[role].model.num_exits)
+        report["served"].append(
+            {
+                "system": system,
+                "model": names[role],
+                "role": role,
+                "images_per_request": n,
+                "concurrency": c,
+                **row,
+            }
+        )
+    report["ratios"] = ratios(report)
+    report["goals"] = goals(report)
+    report["variant_ratios"] = [
+        {
+            "system": r["system"],
+            "role": r["role"],
+            "images_per_request": r["images_per_request"],
+            "concurrency": r["concurrency"],
+            "over_default": r["images_per_s"] / base["images_per_s"],
+        }
+        for r in report["served"]
+        if r["system"].startswith("branchy-serve[")
+        and (
+            base := _row(
+                report, "branchy-serve", r["role"], r["images_per_request"], r["concurrency"]
+            )
+        )
+        is not None
+        and base["images_per_s"] > 0
+    ]
+    md = table(report)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    args.out.with_suffix(".md").write_text(md + "\n")
+    print(md)
+    print(f"\nwritten {args.out} and {args.out.with_suffix('.md')}")
+    return report
+
+
+def _row(report: dict[str, Any], system: str, role: str, n: int, c: int) -> dict[str, Any] | None:
+    for r in report["served"]:
+        if (r["system"], r["role"], r["images_per_request"], r["concurrency"]) == (
+            system,
+            role,
+            n,
+            c,
+        ):
+            return r
+    return None
+
+
+def ratios(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per (images per request, concurrency): served/in-process for both models, the
+    served and in-process early-exit gains and their ratio, served/LitServe."""
+    ip = report["in_process"]
+    ip_gain = ip["branchy"]["images_per_s"] / ip["plain"]["images_per_s"]
+    out = []
+    s = report["settings"]
+    for n in s["shapes"]:
+        for c in s["concurrency"]:
+            plain = _row(report, "branchy-serve", "plain", n, c)
+            branchy = _row(report, "branchy-serve", "branchy", n, c)
+            peer = _row(report, "litserve", "plain", n, c)
+            if plain is None or branchy is None:
+                continue
+            gain = branchy["images_per_s"] / plain["images_per_s"]
+            x: dict[str, Any] = {
+                "images_per_request": n,
+                "concurrency": c,
+                "plain_served_over_in_process": plain["images_per_s"] / ip["plain"]["images_per_s"],
+                "branchy_served_over_in_process": branchy["images_per_s"]
+                / ip["branchy"]["images_per_s"],
+                "served_gain": gain,
+                "in_process_gain": ip_gain,
+                "gain_ratio": gain / ip_gain,
+                "plain_over_litserve": None,
+                "branchy_over_litserve": None,
+            }
+            if peer is not None and peer["images_per_s"] > 0:
+                x["plain_over_litserve"] = plain["images_per_s"] / peer["images_per_s"]
+                x["branchy_over_litserve"] = branchy["images_per_s"] / peer["images_per_s"]
+            out.append(x)
+    return out
+
+
+def goals(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """The issue's goals, each with the measured value and whether it is met."""
+    rows = report["ratios"]
+    top = max(report["settings"]["concurrency"])
+    out = []
+
+    def add(goal: str, value: float | None, target: float) -> None:
+        out.append(
+            {
+                "goal": goal,
+                "value": value,
+                "target": target,
+                "met": None if value is None else value >= target,
+            }
+        )
+
+    for x in rows:
+        n, c = x["images_per_request"], x["concurrency"]
+        worst = min(x["plain_served_over_in_process"], x["branchy_served_over_in_process"])
+        if n == 1 and c == top:
+            add(f"1 image, c={c}: served / in-process (worse model)", worst, GOAL_SINGLE_C32)
+        if n > 1:
+            add(f"{n} images, c={c}: served / in-process (worse model)", worst, GOAL_MULTI)
+        add(f"{n} image(s), c={c}: served gain / in-process gain", x["gain_ratio"], GOAL_GAIN)
+        add(f"{n} image(s), c={c}: plain served / LitServe", x["plain_over_litserve"], GOAL_PEER)
+    return out
+
+
+def table(report: dict[str, Any]) -> str:
+    m = report["machine"]
+    lines = [
+        f"`{report['command']}`; CPU {m['cpu']['model']} ({m['cpus']} cores), load average "
+        f"at the end {m['load_average_at_end'][0]:.1f}; runtimes "
+        + ", ".join(f"{v['name']} {v['runtime']}" for v in report["models"].values())
+        + f"; LitServe: {report['litserve']}",
+        "",
+        "| system | model | img/req | c | img/s | p50 ms | p99 ms | errors |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in report["served"]:
+        lines.append(
+            f"| {r['system']} | {r['model']} | {r['images_per_request']} | {r['concurrency']} | "
+            f"{r['images_per_s']:.0f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['errors']} |"
+        )
+    for role, r in report["in_process"].items():
+        lines.append(
+            f"| in-process (batch {report['settings']['max_batch_size']}) | "
+            f"{report['models'][role]['name']} | - | - | {r['images_per_s']:.0f} | - | - | - |"
+        )
+    lines += [
+        "",
+        "| img/req | c | plain served/in-process | branchy served/in-process | served gain | "
+        "in-process gain | gain ratio | plain/LitServe |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+
+    def pct(v: float | None) -> str:
+        return "-" if v is None else f"{100 * v:.0f} %"
+
+    for x in report["ratios"]:
+        peer = x["plain_over_litserve"]
+        lines.append(
+            f"| {x['images_per_request']} | {x['concurrency']} | "
+            f"{pct(x['plain_served_over_in_process'])} | "
+            f"{pct(x['branchy_served_over_in_process'])} | {x['served_gain']:.2f}x | "
+            f"{x['in_process_gain']:.2f}x | {pct(x['gain_ratio'])} | "
+            f"{'-' if peer is None else f'{peer:.2f}x'} |"
+        )
+    for v in report["variant_ratios"]:
+        lines.append(
+            f"- {v['system']}, {v['role']}, {v['images_per_request']} img/req, "
+            f"c={v['concurrency']}: {v['over_default']:.2f}x the default server's img/s"
+        )
+    lines += ["", "Goals (issue 17):", ""]
+    for g in report["goals"]:
+        verdict = {True: "met", False: "NOT met", None: "not measured"}[g["met"]]
+        value = "-" if g["value"] is None else f"{g['value']:.2f}"
+        lines.append(f"- {g['goal']}: {value} (target {g['target']}): {verdict}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())

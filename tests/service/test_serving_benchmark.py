@@ -1,0 +1,55 @@
+"""``benchmarks/serving.py`` runs end to end and writes a well-formed report (a short,
+unjudged run on the committed LeNet pair: no timing is asserted)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.service.conftest import ROOT
+
+
+def test_serving_benchmark_smoke(tmp_path: Path) -> None:
+    out = tmp_path / "serving.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "serving.py"),
+         "--plain-dir", str(ROOT / "zoo" / "lenet"), "--branchy-dir", str(ROOT / "zoo" / "b-lenet"),
+         "--runtime", "torch", "--duration", "0.5", "--rounds", "1", "--warmup", "0.1",
+         "--concurrency", "2", "--shapes", "1", "4", "--images", "16", "--litserve", "off",
+         "--variant", "inline:BRANCHY_INLINE_DECODE_PIXELS=4096", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert out.with_suffix(".md").read_text().strip() in proc.stdout
+    assert report["litserve"].startswith("skipped: --litserve off")
+    assert report["machine"]["cpu"]["model"]
+    assert {m["runtime"] for m in report["models"].values()} == {"torch"}
+    for role in ("plain", "branchy"):
+        assert report["in_process"][role]["images_per_s"] > 0
+    cells = {(r["system"], r["role"], r["images_per_request"], r["concurrency"])
+             for r in report["served"]}  # fmt: skip
+    assert cells == {
+        (system, role, n, 2)
+        for system in ("branchy-serve", "branchy-serve[inline]")
+        for role in ("plain", "branchy")
+        for n in (1, 4)
+    }
+    assert report["variants"] == {"inline": {"BRANCHY_INLINE_DECODE_PIXELS": "4096"}}
+    assert len(report["variant_ratios"]) == 4
+    for row in report["served"]:
+        assert row["errors"] == 0 and row["requests"] > 0
+        assert row["images"] == row["requests"] * row["images_per_request"]
+        assert row["p50_ms"] <= row["p99_ms"]
+    assert [(x["images_per_request"], x["concurrency"]) for x in report["ratios"]] == [
+        (1, 2),
+        (4, 2),
+    ]
+    for x in report["ratios"]:
+        assert x["gain_ratio"] == x["served_gain"] / x["in_process_gain"]
+        assert x["plain_over_litserve"] is None  # not measured, never made up
+    peer_goals = [g for g in report["goals"] if "LitServe" in g["goal"]]
+    assert peer_goals and all(g["met"] is None and g["value"] is None for g in peer_goals)
+    assert all(isinstance(g["met"], bool) for g in report["goals"] if g["value"] is not None)
