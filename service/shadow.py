@@ -18,7 +18,7 @@ and final alike, drops excluded), so the share of disagreements in it estimates 
 Metrics: ``branchy_shadow_total{model,exit,agree}``, ``branchy_shadow_dropped_total{model}``,
 ``branchy_shadow_disagreement{model}``, ``branchy_shadow_disagreement_upper{model}``,
 ``branchy_shadow_window_samples{model}``, ``branchy_shadow_budget{model}`` (the budget the
-alert rule compares with, ``BRANCHY_SHADOW_BUDGET``).
+alert rule compares with, ``BRANCHY_SHADOW_BUDGET``), ``branchy_shadow_queue_depth{model}``.
 """
 
 from __future__ import annotations
@@ -133,6 +133,7 @@ class ShadowMonitor:
         self.collect_all = False
         metrics.budget.labels(name).set(config.budget)
         metrics.dropped.labels(name)
+        metrics.queued.labels(name).set(0)
         self._export()
 
     # ---------------------------------------------------------------- request side
@@ -160,6 +161,8 @@ class ShadowMonitor:
                     self._jobs.append(_Job(engine, x, out.exit_index, out.class_index))
             if self._jobs or self._dirty:
                 self._wakeup.notify()
+            queued = len(self._jobs)
+        self.metrics.queued.labels(self.name).set(queued)
         if dropped:
             self.metrics.dropped.labels(self.name).inc(dropped)
 
@@ -183,6 +186,7 @@ class ShadowMonitor:
         with self._lock:
             left = len(self._jobs)
             self._jobs.clear()
+        self.metrics.queued.labels(self.name).set(0)
         if left:
             self.metrics.dropped.labels(self.name).inc(left)
 
@@ -212,6 +216,9 @@ class ShadowMonitor:
             except Exception:  # a failed shadow must never take the server down
                 logger.exception("shadow batch of model %r failed; dropped", self.name)
                 self.metrics.dropped.labels(self.name).inc(len(jobs))
+            with self._lock:
+                queued = len(self._jobs)
+            self.metrics.queued.labels(self.name).set(queued)  # after the batch's rows
 
     def _run(self, jobs: list[_Job]) -> None:
         groups: dict[int, list[_Job]] = {}

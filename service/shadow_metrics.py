@@ -20,6 +20,8 @@ _SERIES: tuple[tuple[str, type[Counter] | type[Gauge], str, tuple[str, ...], str
      "Sampled images in the disagreement window."),
     ("budget", Gauge, "branchy_shadow_budget", _PER_MODEL,
      "Disagreement budget the alert compares with (BRANCHY_SHADOW_BUDGET)."),
+    ("queued", Gauge, "branchy_shadow_queue_depth", _PER_MODEL,
+     "Shadows waiting to be re-run (BRANCHY_SHADOW_QUEUE at most)."),
 )  # fmt: skip
 
 
@@ -32,6 +34,7 @@ class ShadowMetrics:
     upper: Gauge
     samples: Gauge
     budget: Gauge
+    queued: Gauge
 
     def __init__(self, registry: CollectorRegistry) -> None:
         for attr, kind, name, labels, doc in _SERIES:
