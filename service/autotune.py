@@ -29,7 +29,8 @@ at ``BRANCHY_SHADOW_CONFIDENCE``, with a bounded pace:
   under the thresholds before it and never re-uses a sample.
 
 When the window is large enough but nothing in the box can be certified, the thresholds
-step down by the cap towards 0 (no early exit, which never disagrees) and the status says
+in force are kept while their own bound on the window is within the budget, and
+otherwise step down by the cap towards 0 (no early exit, which never disagrees) and the status says
 it is not certified. Each change is logged with its
 evidence and persisted in the state folder with source ``autotune`` (replicas follow);
 an explicit admin PUT of thresholds pins them and switches auto-tuning off for that model
@@ -212,6 +213,14 @@ class AutoTuner:
                 data, macs, risk="disagreement", epsilon=s.shadow_budget, delta=delta, bounds=bounds
             )
         except NotCertifiable:
+            if cur_bound <= s.shadow_budget:
+                # with several exits a small window's split can fail the path's first
+                # setting while the thresholds in force still pass: keep them
+                self.status[name] = (
+                    f"keeping the thresholds: nothing new certifiable on {n} samples, but "
+                    f"those in force stay within the budget (disagreement <= {cur_bound:.4f})"
+                )
+                return None
             if down == cur:
                 self.status[name] = f"nothing certifiable on {n} samples; thresholds already 0"
                 return None
