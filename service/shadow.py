@@ -204,8 +204,13 @@ class ShadowMonitor:
             if only_rows:
                 self._export()
                 continue
+            pause = 0.002
             while self.busy() and not self._closing:
-                time.sleep(0.002)  # requests first; the bounded queue drops meanwhile
+                # requests first; the bounded queue drops meanwhile. Back off: each wake-up
+                # takes the GIL from the request path (polling every 2 ms cost B-LeNet's
+                # server about 9 % CPU per image under load at rate 0.01)
+                time.sleep(pause)
+                pause = min(2 * pause, 0.05)
             with self._lock:
                 jobs = [
                     self._jobs.popleft()
