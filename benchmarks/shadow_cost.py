@@ -9,7 +9,11 @@ every server alike and a slow drift cancels. Each round gives a *paired* ratio
 ``on / off`` of served images/s; the cost is ``1 - median ratio``, with a bootstrap 95 %
 interval of the median and a two-sided sign test (how many rounds the shadowed server
 was slower). The shadow counters (shadows run and dropped) are read from each server's
-``/metrics`` and compared with the early exits it served::
+``/metrics`` and compared with the early exits it served. Throughput on a shared machine
+moves with everyone else's load; so each round also reads each server's own CPU time
+(``/proc/<pid>/stat``, every thread, the shadow's included) per served image, and the
+share of it the shadow adds, ``1 - cpu_off / cpu_on`` (paired the same way), is what the
+shadow costs a CPU-bound server::
 
     .venv/bin/python benchmarks/shadow_cost.py                  # zoo/b-lenet, rate 0.01
     .venv/bin/python benchmarks/shadow_cost.py --model zoo/b-alexnet --rounds 30
@@ -23,6 +27,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import random
 import statistics
 import sys
@@ -98,6 +103,12 @@ def paired_cost(on: list[float], off: list[float], seed: int) -> dict[str, Any]:
 # ---------------------------------------------------------------- the servers
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, all its threads (Linux ``/proc``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def counters(url: str, model: str) -> dict[str, float]:
     """Shadow series of ``model`` from ``/metrics`` (summed over other labels)."""
     text = urllib.request.urlopen(f"{url}/metrics", timeout=10).read().decode()
@@ -135,7 +146,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         servers[label] = ServiceProcess(env, log_path=tmp / f"{label}.log", name=label)
     labels = list(servers)
     speed: dict[str, list[float]] = {label: [] for label in labels}
+    cpu_ms: dict[str, list[float]] = {label: [] for label in labels}
     early: dict[str, int] = dict.fromkeys(labels, 0)
+    served: dict[str, int] = dict.fromkeys(labels, 0)
     try:
         for s in servers.values():
             s.wait_ready(180)
@@ -144,6 +157,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             if r % 2:
                 order.reverse()
             for label in order:
+                cpu0 = cpu_seconds(servers[label].proc.pid)
                 cell, elapsed = closed_loop(
                     servers[label].url,
                     args.model.name,
@@ -155,8 +169,12 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                 if cell.errors:
                     raise RuntimeError(f"{label}: errors {cell.errors}")
                 early[label] += sum(n for e, n in cell.exits.items() if e < last)
+                served[label] += cell.images
                 if r:
                     speed[label].append(cell.images / elapsed)
+                    # the server's own CPU per image: what other jobs' load barely moves
+                    cpu = cpu_seconds(servers[label].proc.pid) - cpu0
+                    cpu_ms[label].append(1e3 * cpu / max(cell.images, 1))
         seen = {label: counters(servers[label].url, args.model.name) for label in labels}
     finally:
         for s in servers.values():
@@ -173,6 +191,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         "command": " ".join(["python benchmarks/shadow_cost.py", *sys.argv[1:]]),
         "images_per_s": speed,
         "median_images_per_s": {label: statistics.median(v) for label, v in speed.items()},
+        "server_cpu_ms_per_image": cpu_ms,
         "servers": {},
     }
     for label in labels[1:]:
@@ -180,10 +199,27 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         report["servers"][label] = {
             "rate": rates[label],
             **paired_cost(speed[label], speed["off"], args.seed),
+            # CPU per image: the cost is the extra share, 1 - off/on
+            "cpu": paired_cost(cpu_ms["off"], cpu_ms[label], args.seed),
+            "images_served": served[label],
             "early_exits_served": early[label],
             "shadows_run": c.get("branchy_shadow_total", 0.0),
             "shadows_dropped": c.get("branchy_shadow_dropped_total", 0.0),
         }
+    if "rate1" in report["servers"]:
+        # the rate-1 cost, scaled by shadows run per served image (an estimate, for when
+        # the low rate's own interval is too wide on a noisy machine)
+        up = report["servers"]["rate1"]
+        per = {
+            lb: v["shadows_run"] / max(v["images_served"], 1) for lb, v in report["servers"].items()
+        }
+        for lb, v in report["servers"].items():
+            scale = per[lb] / per["rate1"] if per["rate1"] else float("nan")
+            v["scaled_from_rate1"] = {
+                "shadows_per_image": per[lb],
+                "cost": up["cost"] * scale,
+                "cpu_cost": up["cpu"]["cost"] * scale,
+            }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(render(report))
@@ -205,6 +241,18 @@ def render(report: dict[str, Any]) -> str:
             f"p = {s['sign_test_p']:.3f}); {s['early_exits_served']} early exits served, "
             f"{s['shadows_run']:.0f} shadows run, {s['shadows_dropped']:.0f} dropped"
         )
+        c = s["cpu"]
+        lo, hi = c["cost_ci95"]
+        lines.append(
+            f"  server CPU per image: {100 * c['cost']:+.1f} % of it spent on the shadow "
+            f"(95 % CI {100 * lo:+.1f} to {100 * hi:+.1f} %; sign test p = {c['sign_test_p']:.3f})"
+        )
+        if "scaled_from_rate1" in s and s["rate"] != 1:
+            e = s["scaled_from_rate1"]
+            lines.append(
+                f"  scaled from rate 1 by shadows per served image ({e['shadows_per_image']:.4f}): "
+                f"throughput cost {100 * e['cost']:+.2f} %, CPU {100 * e['cpu_cost']:+.2f} %"
+            )
     return "\n".join(lines)
 
 
