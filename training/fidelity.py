@@ -77,7 +77,7 @@ def measure(
             "test_compute_saved": 1.0 - t.relative_cost,
         }
 
-    row = {
+    row: dict[str, Any] = {
         "checkpoint": str(ckpt.path),
         "architecture": ckpt.model.name,
         "validation_samples": ckpt.calibration.num_samples,
