@@ -8,19 +8,30 @@ re-chooses the cheapest thresholds with disagreement certified ≤ ``BRANCHY_SHA
 at ``BRANCHY_SHADOW_CONFIDENCE``, with a bounded pace:
 
 * **minimum samples**: fewer than ``BRANCHY_AUTOTUNE_MIN_SAMPLES`` re-run images in the
-  window: keep the thresholds and say so (admin GET ``.../autotune`` ``status``);
-* **cap per step**: candidates are clipped to within ``BRANCHY_AUTOTUNE_MAX_STEP`` nats
-  of the thresholds in force (the clipping is part of the fixed path, so the certificate
-  still holds);
+  window: keep the thresholds and say so (admin GET ``.../autotune`` ``status``), unless
+  the window already shows that the thresholds in force break the budget (below);
+* **cap per step, upwards only**: candidates are clipped to at most
+  ``BRANCHY_AUTOTUNE_MAX_STEP`` nats above the thresholds in force, and may go down to 0
+  (the box depends only on the thresholds in force, so it is fixed before the window is
+  looked at and the certificate still holds). The cap paces the risky direction; moving
+  back towards "no early exit" is never held back by it, so a tuner that drifted into a
+  violation can leave it in one pass instead of one cap per pass;
+* **alarm**: when the window's disagreements under the thresholds in force are
+  significant evidence that their risk exceeds the budget (the one-sided binomial test
+  ``P(Binomial(n, ε) >= k) <= δ``; needs few samples when the breach is large), the pass
+  acts at once: it certifies new thresholds if the window is large enough, and otherwise
+  steps every threshold down by the cap (not certified; the next alarm needs new evidence,
+  since the window is cleared after each change);
 * **hysteresis**: while the thresholds in force are still certified on the window, a new
   choice is applied only if it changes the expected cost by more than
   ``BRANCHY_AUTOTUNE_HYSTERESIS`` (relative);
 * after each change the window is cleared, so every step is certified on images served
   under the thresholds before it and never re-uses a sample.
 
-When the window is large enough but nothing within the step can be certified (traffic
-drifted far), the thresholds step down by the cap towards 0 (no early exit, which never
-disagrees) and the status says it is not certified. Each change is logged with its
+When the window is large enough but nothing in the box can be certified, the thresholds
+in force are kept while their own bound on the window is within the budget, and
+otherwise step down by the cap towards 0 (no early exit, which never disagrees) and the status says
+it is not certified. Each change is logged with its
 evidence and persisted in the state folder with source ``autotune`` (replicas follow);
 an explicit admin PUT of thresholds pins them and switches auto-tuning off for that model
 until it is switched on again.
@@ -38,7 +49,7 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
 from models import CalibrationData, NotCertifiable, certify_thresholds, evaluate_thresholds
-from models.calibration import binomial_upper_bound, risk_of
+from models.calibration import binomial_cdf, binomial_upper_bound, risk_of
 from service.deps import AdminDep, ModelDep, SettingsDep
 from service.inference import encode_thresholds
 from service.repository import ServedModel
@@ -47,6 +58,18 @@ from service.settings import Settings
 from service.state import SavedThresholds, save_thresholds
 
 logger = logging.getLogger(__name__)
+
+
+def breach_p_value(losses: int, n: int, epsilon: float) -> float:
+    """Exact p-value of the null "risk <= ε" after ``losses`` in ``n`` samples.
+
+    The mirror of :func:`models.calibration.binomial_p_value`: many losses are unlikely
+    under the null, ``P(Binomial(n, ε) >= losses)``. At most δ means the window is
+    significant evidence (at level δ) that the thresholds in force break the budget.
+    """
+    if losses <= 0:
+        return 1.0
+    return max(0.0, 1.0 - binomial_cdf(losses - 1, n, epsilon))
 
 
 class AutotuneUpdate(BaseModel):
@@ -153,9 +176,9 @@ class AutoTuner:
             return None
         window = shadow.calibration_window()
         n = 0 if window is None else int(window[0].shape[0])
-        if window is None or n < s.autotune_min_samples:
+        if window is None:
             self.status[name] = (
-                f"keeping the thresholds: {n} of the {s.autotune_min_samples} re-run samples "
+                f"keeping the thresholds: 0 of the {s.autotune_min_samples} re-run samples "
                 "needed to certify anything"
             )
             return None
@@ -163,11 +186,26 @@ class AutoTuner:
         if entropy.shape[1] != served.num_exits:
             return None
         data = CalibrationData(entropy.float(), pred == pred[:, -1:], pred)
-        macs = served.checkpoint.model.exit_macs()
         cur, delta = served.thresholds, 1.0 - s.shadow_confidence
-        step = s.autotune_max_step
-        bounds = [(max(0.0, t - step), t + step) for t in cur]
         cur_losses = round(risk_of(data, cur, "disagreement") * n)
+        breached = breach_p_value(cur_losses, n, s.shadow_budget) <= delta
+        step = s.autotune_max_step
+        down = tuple(max(0.0, t - step) for t in cur)
+        if n < s.autotune_min_samples:
+            if breached and down != cur:
+                self.status[name] = (
+                    f"alarm: {cur_losses} of {n} samples disagree, beyond the budget "
+                    f"{s.shadow_budget:g} at confidence {s.shadow_confidence:g}; too few to "
+                    "certify, stepped down by the cap, not certified"
+                )
+                return down, {"samples": n, "certified": False, "alarm": True}
+            self.status[name] = (
+                f"keeping the thresholds: {n} of the {s.autotune_min_samples} re-run samples "
+                "needed to certify anything"
+            )
+            return None
+        macs = served.checkpoint.model.exit_macs()
+        bounds = [(0.0, t + step) for t in cur]
         cur_bound = binomial_upper_bound(cur_losses, n, delta)
         cur_cost = evaluate_thresholds(data, macs, cur).relative_cost
         try:
@@ -175,15 +213,22 @@ class AutoTuner:
                 data, macs, risk="disagreement", epsilon=s.shadow_budget, delta=delta, bounds=bounds
             )
         except NotCertifiable:
-            low = tuple(lo for lo, _ in bounds)
-            if low == cur:
+            if cur_bound <= s.shadow_budget:
+                # with several exits a small window's split can fail the path's first
+                # setting while the thresholds in force still pass: keep them
+                self.status[name] = (
+                    f"keeping the thresholds: nothing new certifiable on {n} samples, but "
+                    f"those in force stay within the budget (disagreement <= {cur_bound:.4f})"
+                )
+                return None
+            if down == cur:
                 self.status[name] = f"nothing certifiable on {n} samples; thresholds already 0"
                 return None
             self.status[name] = (
-                f"nothing certifiable within the step on {n} samples (in force: disagreement "
+                f"nothing certifiable on {n} samples (in force: disagreement "
                 f"<= {cur_bound:.4f}); stepped down by the cap, not certified"
             )
-            return low, {"samples": n, "certified": False, "bound_in_force": cur_bound}
+            return down, {"samples": n, "certified": False, "bound_in_force": cur_bound}
         new = cert.point.thresholds
         change = abs(cert.point.relative_cost - cur_cost) / max(cur_cost, 1e-12)
         if new == cur or (cur_bound <= s.shadow_budget and change <= s.autotune_hysteresis):

@@ -87,9 +87,10 @@ class Settings(BaseSettings):
         autotune: auto-tune every model's thresholds from the shadow window (off by
             default; per model through the admin API).
         autotune_interval_s: seconds between auto-tuning passes.
-        autotune_min_samples: re-run images the window needs before a pass may change
-            anything.
-        autotune_max_step: largest change of a threshold per pass, in nats.
+        autotune_min_samples: re-run images the window needs before a pass may certify
+            a change (an evident breach of the budget steps down sooner, uncertified).
+        autotune_max_step: largest rise of a threshold per pass, and the size of an
+            uncertified step down, in nats.
         autotune_hysteresis: relative cost change below which certified thresholds in
             force are kept.
     """

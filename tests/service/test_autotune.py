@@ -135,3 +135,27 @@ def test_autotune_changes_persists_and_is_pinned_by_an_admin(repo: Path, tmp_pat
     with running_server(repo, tmp_path, ENV) as server:
         state = _autotune(server.base_url)
         assert state["source"] == "checkpoint" and state["enabled"] is True
+
+
+def test_a_breach_steps_down_before_enough_samples_to_certify(repo: Path, tmp_path: Path) -> None:
+    # a 1 % budget on stroke-like noise, which the early exit answers differently far more
+    # often; certifying would need 100,000 samples, but the breach is evident much sooner
+    env = {
+        **ENV,
+        "BRANCHY_SHADOW_BUDGET": "0.01",
+        "BRANCHY_AUTOTUNE_MIN_SAMPLES": "100000",
+        "BRANCHY_AUTOTUNE_MAX_STEP": "0.25",
+    }
+    with running_server(repo, tmp_path, env) as server:
+        base = server.base_url
+        start = _autotune(base)["thresholds"][0]
+        _send(base, 8, seed=4)
+        state = _wait(base, lambda s: s["source"] == "autotune")
+        evidence = state["last_change"]
+        assert evidence["certified"] is False and evidence["alarm"] is True
+        assert evidence["samples"] < 100000
+        assert "alarm" in state["status"] or "keeping" in state["status"]
+        # one step is the cap down (not certified, so never more), and never below 0
+        before, after = evidence["from"][0], state["thresholds"][0]
+        assert after == pytest.approx(max(0.0, before - 0.25))
+        assert after < start

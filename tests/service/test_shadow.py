@@ -79,6 +79,7 @@ def test_rate_one_shadows_every_early_exit_and_the_window_adds_up(
         assert n == 32 and share == pytest.approx(disagree / 32)
         assert share <= upper <= 1
         assert metric_total(m, "branchy_shadow_budget", model="b-lenet") == 0.01
+        assert metric_total(m, "branchy_shadow_queue_depth", model="b-lenet") == 0  # all run
 
 
 def test_a_full_shadow_queue_drops_and_counts_and_requests_still_succeed(

@@ -1,4 +1,5 @@
-"""benchmarks/drift.py end to end on a tiny trained B-LeNet and synthetic MNIST files."""
+"""benchmarks/drift.py end to end: a tiny trained B-LeNet served by a real server process
+with shadow monitoring and auto-tuning, on a drifting stream of synthetic MNIST files."""
 
 from __future__ import annotations
 
@@ -9,9 +10,7 @@ from benchmarks import drift
 from training import train
 
 
-def test_drift_replay_writes_its_table_and_counts_violations(
-    mnist_dir: Path, tmp_path: Path
-) -> None:
+def test_drift_drives_a_server_and_counts_violations(mnist_dir: Path, tmp_path: Path) -> None:
     argv = [
         "--model", "b-lenet", "--dataset", "mnist", "--data-dir", str(mnist_dir),
         "--val-size", "400", "--batch-size", "64", "--threads", "1", "--no-progress",
@@ -20,20 +19,30 @@ def test_drift_replay_writes_its_table_and_counts_violations(
     ckpt = train.main(train.parse_config(argv))
     args = drift.get_args_parser().parse_args(
         ["--checkpoint", str(ckpt), "--data-dir", str(mnist_dir), "--windows", "3",
-         "--window-size", "200", "--epsilon", "0.2", "--shadow-rate", "1",
+         "--window-size", "160", "--epsilon", "0.2", "--shadow-rate", "1",
+         "--min-samples", "100", "--interval", "0.2",
          "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "out")]
     )  # fmt: skip
     report = drift.main(args)
-    assert len(report["rows"]) == 3
-    for row in report["rows"]:
-        for policy in ("fixed", "autotune", "greedy"):
+    rows = report["rows"]
+    assert len(rows) == 3
+    for row in rows:
+        for policy in drift.POLICIES:
             assert 0 <= row[policy]["true_disagreement"] <= 1
             assert row[policy]["compute_saved"] <= 1
-    # the fixed policy never moves
-    assert len({tuple(r["fixed"]["thresholds"]) for r in report["rows"]}) == 1
+        served = row["autotune"]
+        # the server's final-exit answers are the offline network's
+        assert served["final_exit_match"] >= 0.99
+        # what the server's /metrics said, after its shadow queue ran dry
+        assert served["shadows_dropped"] == 0
+        assert 0 <= served["shadow_estimate"] <= served["shadow_upper"] <= 1
+    # the fixed policy never moves, and starts where the server's certificate put it
+    assert {tuple(r["fixed"]["thresholds"]) for r in rows} == {tuple(report["start_thresholds"])}
+    # rate 1: every early exit of the server was shadowed
+    assert rows[-1]["autotune"]["shadows_run"] > 0
     limit = report["violation_limit"]
     for policy, s in report["summary"].items():
-        want = sum(r[policy]["true_disagreement"] > limit for r in report["rows"][1:])
+        want = sum(r[policy]["true_disagreement"] > limit for r in rows[1:])
         assert s["violations"] == want
     saved = json.loads((tmp_path / "out" / "drift-b-lenet.json").read_text())
     assert saved["summary"] == report["summary"]
