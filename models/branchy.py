@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from models.engine import ExitResult, Release, TorchExecutor, early_exit
 from models.inference import shared_prefix
+from models.macs import exit_macs
 
 
 class BranchyNet(nn.Module):
@@ -109,17 +110,8 @@ class BranchyNet(nn.Module):
     def exit_macs(self) -> list[int]:
         """Multiply-accumulates to reach and evaluate each exit, for one sample.
 
-        Entry ``i`` counts stages ``0..i`` and heads ``0..i``: a sample leaving at exit
-        ``i`` has paid for every earlier head too. Counted from conv and linear layers
-        by running one dummy sample, not typed in by hand.
+        :func:`models.macs.exit_macs` of this network, cached on it.
         """
-        if self._exit_macs is None:
-            from models.macs import stage_and_head_macs
-
-            stage_macs, head_macs = stage_and_head_macs(self)
-            total, cumulative = 0, []
-            for s, h in zip(stage_macs, head_macs, strict=True):
-                total += s + h
-                cumulative.append(total)
-            self._exit_macs = cumulative
+        if self._exit_macs is None:  # the architecture fixes them: counted once
+            self._exit_macs = exit_macs(self)
         return list(self._exit_macs)

@@ -25,7 +25,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+
+from models.exits import encode_thresholds, entropy_from_logits, leaves
 
 # The threshold grid of the original BranchyNet experiments (per early exit).
 ORIGINAL_GRID: tuple[float, ...] = (
@@ -98,6 +100,54 @@ class CalibrationData:
         )
 
 
+@torch.no_grad()
+def exit_outputs(model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
+    """Every exit's entropy and predicted class for one batch, nobody leaving early.
+
+    Args:
+        model: a :class:`~models.branchy.BranchyNet` (its ``forward`` gives every
+            exit's logits).
+        x: ``(B, C, H, W)`` normalised inputs on the model's device.
+
+    Returns:
+        ``(B, E)`` float32 entropies and ``(B, E)`` int64 predictions, on ``x``'s device.
+    """
+    outs = [z.float() for z in model(x)]
+    entropy = torch.stack([entropy_from_logits(z) for z in outs], 1)
+    prediction = torch.stack([z.argmax(1) for z in outs], 1)
+    return entropy, prediction
+
+
+def collect_calibration(
+    model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]]
+) -> CalibrationData:
+    """Calibration data of ``model`` on labelled batches: the one way training,
+    evaluation and benchmarks measure every exit.
+
+    The model runs in eval mode (its mode is restored after), without autograd.
+
+    Args:
+        model: a :class:`~models.branchy.BranchyNet`.
+        batches: ``(x, labels)`` pairs: ``(B, C, H, W)`` normalised inputs on the
+            model's device and ``(B,)`` class indices (any device).
+
+    Returns:
+        The entropies, correctness and predictions of all batches, in order, on the CPU.
+    """
+    was_training = model.training
+    model.eval()
+    entropies, corrects, predictions = [], [], []
+    try:
+        for x, labels in batches:
+            entropy, prediction = exit_outputs(model, x)
+            entropies.append(entropy.cpu())
+            predictions.append(prediction.cpu())
+            corrects.append((prediction == labels.to(prediction.device)[:, None]).cpu())
+    finally:
+        model.train(was_training)
+    return CalibrationData(torch.cat(entropies), torch.cat(corrects), torch.cat(predictions))
+
+
 @dataclass(frozen=True)
 class OperatingPoint:
     """What one threshold setting does on the calibration (or test) data."""
@@ -110,7 +160,7 @@ class OperatingPoint:
 
     def to_json(self) -> dict[str, object]:
         return {
-            "thresholds": [t if math.isfinite(t) else "inf" for t in self.thresholds],
+            "thresholds": encode_thresholds(self.thresholds),
             "accuracy": self.accuracy,
             "exit_shares": list(self.exit_shares),
             "expected_macs": self.expected_macs,
@@ -143,7 +193,7 @@ def exits_taken(entropy: Tensor, thresholds: Tensor) -> Tensor:
     )
     # from the last early exit back to the first, so the earliest exit that admits wins
     for i in range(e - 2, -1, -1):
-        leave = entropy[None, :, i] < thresholds[:, i : i + 1]  # (M, N)
+        leave = leaves(entropy[None, :, i], thresholds[:, i : i + 1])  # (M, N)
         taken = torch.where(leave, torch.full_like(taken, i), taken)
     return taken
 

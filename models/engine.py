@@ -31,7 +31,13 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from models.exits import entropy_from_logits, entropy_of_one, threshold_matrix, thresholds_for_one
+from models.exits import (
+    entropy_from_logits,
+    entropy_of_one,
+    leaves,
+    threshold_matrix,
+    thresholds_for_one,
+)
 from models.inference import global_hooks_active, run_module, run_owned, run_stage
 
 
@@ -183,7 +189,7 @@ def _early_exit(
             if release is not None:
                 release(alive, i, z, e)
             break
-        leave = e < t[:, i]
+        leave = leaves(e, t[:, i])
         rows = leave.nonzero().squeeze(1)  # one host sync per exit, inherent
         if rows.numel():
             dst = alive[rows]
@@ -208,7 +214,7 @@ def _early_exit_one(
     for i in range(executor.num_exits):
         state, za, ea = executor.segment(i, state, one=True)
         # on a GPU the last exit needs no decision, so no sync on its value
-        if i < last and not float(ea[0]) < thresholds[i]:
+        if i < last and not leaves(float(ea[0]), thresholds[i]):
             continue  # not confident enough: on to the next segment
         z, e = _tensor(za), _tensor(ea)
         if e.is_cpu:  # torch.full costs 2-5 µs, this 1-2

@@ -15,11 +15,12 @@ from fastapi import FastAPI
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from models.devices import resolve_device
 from service import __version__, autotune, shadow
 from service.errors import error_body, install_error_handlers, is_v2_path
 from service.loading import start_model
 from service.metrics import UNKNOWN_MODEL, Metrics
-from service.repository import ServedModel, discover, load_engine, resolve_device
+from service.repository import ServedModel, discover, load_engine
 from service.routes import admin, classify, console, docs, health, v2
 from service.settings import Settings
 from service.state import clean_stale_temporaries, file_mtime_ns, load_thresholds

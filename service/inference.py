@@ -8,11 +8,12 @@ import math
 import threading
 import time
 from collections.abc import Sequence
-from typing import Literal
 
 from PIL import Image
 from torch import Tensor
 
+# encode_thresholds: re-exported for routes/classify.py (its home is models.exits).
+from models.exits import check_thresholds, encode_thresholds  # noqa: F401
 from service.batcher import Classified
 from service.errors import (
     DeadlineExceeded,
@@ -24,7 +25,6 @@ from service.errors import (
 from service.preprocess import load_pixels, open_image, to_input
 from service.repository import ServedModel
 from service.settings import Settings
-from service.state import check_thresholds
 
 # Extra time a request waits beyond its deadline for a batch already computing: images
 # are dropped before compute once the deadline passes, never in the middle of it.
@@ -200,9 +200,3 @@ async def classify(
 
 def _finite(answer: Classified) -> bool:
     return math.isfinite(answer.entropy) and bool(answer.probabilities.isfinite().all())
-
-
-def encode_thresholds(thresholds: Sequence[float]) -> list[float | Literal["inf"]]:
-    """JSON has no infinity: +inf is written "inf" (what the thresholds query and the
-    admin PUT read back)."""
-    return [t if math.isfinite(t) else "inf" for t in thresholds]

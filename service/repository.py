@@ -13,30 +13,12 @@ from typing import Any
 import torch
 
 from models import Checkpoint, load_checkpoint
-from models.checkpoint import MANIFEST, encode_threshold
+from models.checkpoint import MANIFEST
+from models.exits import encode_thresholds
 from service.batcher import Batcher, Engine
 from service.settings import Settings
 
 logger = logging.getLogger(__name__)
-
-
-def resolve_device(setting: str) -> torch.device:
-    """``auto`` -> the first CUDA device when there is one, else the CPU.
-
-    Raises:
-        ValueError: CUDA requested but not available, or no such device index.
-    """
-    if setting == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(setting)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {setting!r} requested but CUDA is not available")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(
-                f"device {setting!r} requested but there are {torch.cuda.device_count()} GPU(s)"
-            )
-    return device
 
 
 def discover(settings: Settings) -> dict[str, Path]:
@@ -205,7 +187,7 @@ class ServedModel:
             "name": self.name,
             "architecture": ckpt.model.name,
             "num_exits": engine.num_exits,
-            "thresholds": [encode_threshold(t) for t in thresholds],
+            "thresholds": encode_thresholds(thresholds),
             "threshold_source": self.threshold_source,
             "classes": list(ckpt.class_names),
             "input": ckpt.input_spec.to_json(),

@@ -30,6 +30,8 @@ from torch import Tensor
 
 import models
 from models import BranchyNet, CalibrationData, Checkpoint, OperatingPoint
+from models.calibration import collect_calibration
+from models.devices import resolve_device
 from training import data as data_mod
 from training import timing
 from training.train import git_commit, machine_info
@@ -260,15 +262,7 @@ def _chunked(model: BranchyNet, x: Tensor, thresholds: list[float]) -> models.Ex
 
 def _calibration_on(model: BranchyNet, x: Tensor, labels: Tensor) -> CalibrationData:
     """Every exit's entropy, correctness and predicted class on normalised inputs ``x``."""
-    entropies, corrects, predictions = [], [], []
-    with torch.no_grad():
-        for xs, ys in zip(x.split(1024), labels.split(1024), strict=True):
-            outs = [z.float() for z in model(xs)]
-            entropies.append(torch.stack([models.entropy_from_logits(z) for z in outs], 1).cpu())
-            pred = torch.stack([z.argmax(1) for z in outs], 1).cpu()
-            predictions.append(pred)
-            corrects.append(pred == ys[:, None])
-    return CalibrationData(torch.cat(entropies), torch.cat(corrects), torch.cat(predictions))
+    return collect_calibration(model, zip(x.split(1024), labels.split(1024), strict=True))
 
 
 def fine_grid(num_classes: int) -> list[float]:
@@ -331,7 +325,7 @@ def build_report(
             "name": r.name,
             "checkpoint": r.checkpoint,
             "exit_accuracy": r.exit_accuracy,
-            "thresholds": [models.checkpoint.encode_threshold(t) for t in r.thresholds],
+            "thresholds": models.exits.encode_thresholds(r.thresholds),
             "accuracy": r.accuracy,
             "exit_shares": r.exit_shares,
             "latency_ms": {
@@ -606,9 +600,7 @@ def main(args: argparse.Namespace | None = None) -> dict[str, Any]:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    device = torch.device(
-        ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    )
+    device = resolve_device(args.device)
     args.device = str(device)
     ckpt = models.load_checkpoint(args.checkpoint, device=device)
     x, labels = load_inputs(ckpt, args, device)

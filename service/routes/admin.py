@@ -18,6 +18,7 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, ValidationError
 
 from models import choose_thresholds, evaluate_thresholds
+from models.exits import check_thresholds, encode_thresholds
 from service import autotune
 from service.deps import MODEL_NAME, AdminDep, ModelDep, SettingsDep
 from service.errors import (
@@ -29,7 +30,6 @@ from service.errors import (
     ValidationFailed,
 )
 from service.fidelity import certify_for, wants_certificate
-from service.inference import encode_thresholds
 from service.jsonbody import JsonLimits, parse_json
 from service.loading import start_model
 from service.repository import ServedModel, discover, load_engine, public_load_error
@@ -41,7 +41,7 @@ from service.schemas import (
     ThresholdUpdate,
 )
 from service.settings import Settings
-from service.state import check_thresholds, delete_thresholds, load_thresholds, save_thresholds
+from service.state import delete_thresholds, load_thresholds, save_thresholds
 
 logger = logging.getLogger(__name__)
 

@@ -32,9 +32,9 @@ from fastapi.responses import FileResponse, HTMLResponse
 
 from models import evaluate_thresholds
 from models.calibration import CalibrationData, candidate_thresholds, evaluate_grid
+from models.exits import encode_thresholds
 from service.deps import AdminDep, MetricsDep, ModelDep
 from service.errors import NoCalibration, NotFound
-from service.inference import encode_thresholds
 from service.metrics import Metrics
 
 ASSETS = Path(__file__).resolve().parent.parent / "console"
