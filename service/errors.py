@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -26,6 +26,9 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.responses import Response
+
+if TYPE_CHECKING:
+    from service.metrics import Metrics
 
 logger = logging.getLogger(__name__)
 
@@ -231,8 +234,16 @@ _HTTP_CODES = {
 }
 
 
-def install_error_handlers(app: FastAPI) -> None:
-    """Route every error, ours and the framework's, to the one JSON shape."""
+def install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
+    """Route every error, ours and the framework's, to the one JSON shape, counting
+    rejections in ``metrics``."""
+
+    def _count_rejection(request: Request, code: str) -> None:
+        reason = REJECT_REASONS.get(code)
+        if reason is None:
+            return
+        name = request.path_params.get("name") if request.path_params else None
+        metrics.reject(metrics.model_label(name), reason)
 
     @app.exception_handler(ServiceError)
     async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
@@ -319,12 +330,3 @@ def install_error_handlers(app: FastAPI) -> None:
             error_id=error_id,
             v2=is_v2_path(request.url.path),
         )
-
-
-def _count_rejection(request: Request, code: str) -> None:
-    reason = REJECT_REASONS.get(code)
-    metrics = getattr(request.app.state, "metrics", None)
-    if reason is None or metrics is None:
-        return
-    name = request.path_params.get("name") if request.path_params else None
-    metrics.reject(metrics.model_label(request.app, name), reason)

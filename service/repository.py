@@ -1,5 +1,6 @@
 """The model repository: finding checkpoints, loading them onto the device, and the
-served model that couples a network, its thresholds and its batcher."""
+served model that couples a network, its thresholds and its batcher (whose lifecycle
+:mod:`service.manager` owns)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from models import Checkpoint, load_checkpoint
 from models.checkpoint import MANIFEST
 from models.exits import encode_thresholds
 from service.batcher import Batcher, Engine
+from service.metrics import Metrics
 from service.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -111,14 +113,18 @@ class _Current:
 
 class ServedModel:
     """A model being served: its engine and thresholds (swapped together atomically),
-    where its thresholds came from, and its batcher.
+    where its thresholds came from, and its batcher, made with it (not yet started).
+
+    Its state changes only through :class:`service.manager.ModelManager`.
 
     Args:
         name: model name (its checkpoint folder's name).
         path: checkpoint folder.
         engine: the loaded network.
         thresholds: thresholds in force.
-        source: where they came from: ``checkpoint``, ``state`` or ``admin``.
+        source: where they came from: ``checkpoint``, ``state``, ``admin`` or ``autotune``.
+        metrics: where the batcher records queue, batch and exit metrics.
+        settings: the batching settings (batch size and delay, queue, early release).
     """
 
     def __init__(
@@ -129,6 +135,8 @@ class ServedModel:
         thresholds: tuple[float, ...],
         *,
         source: str,
+        metrics: Metrics,
+        settings: Settings,
     ) -> None:
         self.name = name
         self.path = path
@@ -137,7 +145,15 @@ class ServedModel:
         self.thresholds_updated_at = time.time()
         self.state_mtime_ns: int | None = None
         self.loaded_at = time.time()
-        self.batcher: Batcher | None = None
+        self.batcher = Batcher(
+            name,
+            self,
+            metrics,
+            max_batch_size=settings.max_batch_size,
+            max_delay_s=settings.max_batch_delay_s,
+            max_queue=settings.max_queue,
+            early_release=settings.early_release,
+        )
 
     def snapshot(self) -> tuple[Engine, tuple[float, ...]]:
         current = self._current  # one reference read: engine and thresholds agree

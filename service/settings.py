@@ -12,9 +12,11 @@ from typing import Annotated, Any
 from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-# The committed model zoo, next to the ``service`` package in a source checkout; in the
-# container the Dockerfile points BRANCHY_MODEL_REPOSITORY at /app/zoo.
-DEFAULT_REPOSITORY = Path(__file__).resolve().parent.parent / "zoo"
+# ``zoo/`` of the working directory: the committed model zoo when the server runs from a
+# checkout (scripts/serve.sh starts it at the root), and a meaningful place wherever the
+# package is installed, unlike a path next to the installed code (site-packages holds no
+# models). The container sets BRANCHY_MODEL_REPOSITORY=/app/zoo.
+DEFAULT_REPOSITORY = Path("zoo")
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 _CHOICES = {
     "runtime": ("auto", "torch", "onnxruntime", "openvino"),
@@ -27,7 +29,8 @@ class Settings(BaseSettings):
     """Everything an operator can set. Environment variable = ``BRANCHY_`` + upper-case name.
 
     Attributes:
-        model_repository: folder with one checkpoint folder per model (folder name = model name).
+        model_repository: folder with one checkpoint folder per model (folder name = model
+            name); default ``zoo`` under the working directory.
         models: load only these models (comma list in the environment); empty = all.
         device: ``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``.
         host: address uvicorn binds.
@@ -175,8 +178,10 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check_repository(self) -> Settings:
-        if not self.model_repository.is_dir():
-            raise ValueError(f"model_repository {str(self.model_repository)!r} is not a directory")
+        root = self.model_repository
+        if not root.is_dir():
+            where = "" if root.is_absolute() else " (relative paths start at the working directory)"
+            raise ValueError(f"model_repository {str(root)!r} is not a directory{where}")
         return self
 
     @property
