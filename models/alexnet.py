@@ -66,6 +66,8 @@ def _b2(cfg: AlexNetConfig) -> nn.Sequential:
 
 
 def _parts(cfg: AlexNetConfig) -> tuple[list[nn.Module], list[nn.Module]]:
+    """B-AlexNet: AlexNet with side branches after conv2 and conv3 (3 exits); AlexNet:
+    the same trunk and final classifier without side branches."""
     s1 = nn.Sequential(
         nn.Conv2d(cfg.in_channels, 32, 5, padding=2), nn.ReLU(), _pool(), _lrn(),  # 32×16×16
         nn.Conv2d(32, 64, 5, padding=2),  # 64×16×16
@@ -86,12 +88,5 @@ def _parts(cfg: AlexNetConfig) -> tuple[list[nn.Module], list[nn.Module]]:
 
 
 b_alexnet, alexnet = register_family(
-    AlexNetConfig,
-    names=("b-alexnet", "alexnet"),
-    docs=(
-        "B-AlexNet: AlexNet with side branches after conv2 and conv3 (3 exits).",
-        "AlexNet: the B-AlexNet trunk and final classifier without side branches.",
-    ),
-    parts=_parts,
-    input_size=(32, 32),
+    AlexNetConfig, _parts, names=("b-alexnet", "alexnet"), input_size=(32, 32)
 )

@@ -14,12 +14,12 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from models.engine import ExitResult, Release, TorchExecutor, early_exit
+from models.engine import EarlyExits, ExitResult, TorchExecutor  # noqa: F401 (ExitResult re-exported)
 from models.inference import shared_prefix
 from models.macs import exit_macs
 
 
-class BranchyNet(nn.Module):
+class BranchyNet(EarlyExits, nn.Module):
     """An ordered list of trunk stages with one exit head per stage.
 
     Args:
@@ -72,32 +72,9 @@ class BranchyNet(nn.Module):
             outs.append(head(h))
         return outs
 
-    def early_exit(
-        self,
-        x: Tensor,
-        thresholds: Sequence[float] | Tensor = (),
-        *,
-        release: Release | None = None,
-    ) -> ExitResult:
-        """Classify a batch, letting each sample leave at the first confident exit.
-
-        At early exit ``i`` a sample whose entropy is strictly below its threshold
-        ``T_i`` leaves with that exit's logits; only the samples still in flight run the
-        following stages (the batch is compacted after every exit). The last exit
-        answers for everything that reaches it.
-
-        Args:
-            x: ``(B, C, H, W)`` input batch, on the model's device.
-            thresholds: ``num_exits - 1`` floats, or a ``(B, num_exits - 1)`` tensor of
-                per-sample thresholds. ``0`` lets nobody leave at that exit, ``inf``
-                everybody.
-            release: called once per exit with the samples that left there (input
-                positions, exit, logits, entropies), before the next stage runs.
-
-        Returns:
-            The exit taken, its logits and entropy, per sample, in input order.
-        """
-        return early_exit(TorchExecutor(self), x, thresholds, release=release)
+    def _executor(self) -> TorchExecutor:
+        # early_exit (from EarlyExits) runs on the eager engine over this network
+        return TorchExecutor(self)
 
     def shared_prefixes(self) -> list[int]:
         """Per exit, how many leading layers its head shares with the next trunk stage

@@ -22,7 +22,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from torch import Tensor, nn
@@ -100,6 +100,11 @@ class CalibrationData:
         )
 
 
+def _fields(obj: object, *, skip: tuple[str, ...] = ()) -> dict[str, object]:
+    """A dataclass's fields by name, in order (shallow: values as they are)."""
+    return {f.name: getattr(obj, f.name) for f in fields(obj) if f.name not in skip}  # type: ignore[arg-type]
+
+
 @torch.no_grad()
 def exit_outputs(model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
     """Every exit's entropy and predicted class for one batch, nobody leaving early.
@@ -160,11 +165,9 @@ class OperatingPoint:
 
     def to_json(self) -> dict[str, object]:
         return {
+            **_fields(self),
             "thresholds": encode_thresholds(self.thresholds),
-            "accuracy": self.accuracy,
             "exit_shares": list(self.exit_shares),
-            "expected_macs": self.expected_macs,
-            "relative_cost": self.relative_cost,
         }
 
     def describe(self) -> str:
@@ -466,19 +469,9 @@ class CertifiedPoint:
     passed: int
 
     def to_json(self) -> dict[str, object]:
-        return {
-            **self.point.to_json(),
-            "risk": self.risk,
-            "epsilon": self.epsilon,
-            "confidence": 1.0 - self.delta,
-            "certified_bound": self.bound,
-            "empirical_risk": self.empirical_risk,
-            "p_value": self.p_value,
-            "tested_samples": self.tested_samples,
-            "path_samples": self.path_samples,
-            "candidates": self.candidates,
-            "passed": self.passed,
-        }
+        out = {**self.point.to_json(), **_fields(self, skip=("point", "delta", "bound"))}
+        # in JSON: the confidence 1 - delta, and the bound named for what it bounds
+        return {**out, "confidence": 1.0 - self.delta, "certified_bound": self.bound}
 
     def describe(self) -> str:
         return (
@@ -569,6 +562,21 @@ def risk_of(data: CalibrationData, thresholds: Sequence[float], risk: str) -> fl
     return float(loss.double().mean())
 
 
+def _loss_grid(
+    data: CalibrationData, exit_macs: Sequence[int], risk: str, budget: int
+) -> tuple[Tensor, Tensor, list[tuple[float, ...]]]:
+    """Loss rate and expected MACs of every setting of the exact candidate grid (about
+    ``budget`` settings), flat, with the settings in the same (product) order."""
+    early = data.num_exits - 1
+    per_exit = max(2, int(budget ** (1.0 / early)))
+    cands = [candidate_thresholds(data.entropy[:, i], per_exit) for i in range(early)]
+    # evaluate_grid sums ``correct`` over the samples at the exit each takes: with the
+    # loss matrix in its place it sums the losses
+    as_loss = CalibrationData(data.entropy, exit_losses(data, risk))
+    loss, _, cost = evaluate_grid(as_loss, exit_macs, cands)
+    return loss.reshape(-1), cost.reshape(-1), list(itertools.product(*cands))
+
+
 def risk_path(
     data: CalibrationData, exit_macs: Sequence[int], risk: str, *, budget: int = 40_000
 ) -> list[tuple[float, ...]]:
@@ -578,15 +586,7 @@ def risk_path(
     :func:`choose_thresholds`: settings sorted by risk, each strictly cheaper than every
     less risky one. Starts at all-zero thresholds (nobody leaves early).
     """
-    early = data.num_exits - 1
-    per_exit = max(2, int(budget ** (1.0 / early)))
-    cands = [candidate_thresholds(data.entropy[:, i], per_exit) for i in range(early)]
-    # evaluate_grid sums ``correct`` over the samples at the exit each takes: with the
-    # loss matrix in its place it sums the losses
-    as_loss = CalibrationData(data.entropy, exit_losses(data, risk))
-    loss, _, cost = evaluate_grid(as_loss, exit_macs, cands)
-    loss, cost = loss.reshape(-1), cost.reshape(-1)
-    combos = list(itertools.product(*cands))
+    loss, cost, combos = _loss_grid(data, exit_macs, risk, budget)
     # sort by risk, then cost (stable sorts, last key first); keep each setting strictly
     # cheaper than every less risky one
     order = torch.sort(cost, stable=True).indices
@@ -616,12 +616,7 @@ def cheapest_within_risk(
     early = data.num_exits - 1
     if early == 0:
         return evaluate_thresholds(data, exit_macs, []), 0.0
-    per_exit = max(2, int(budget ** (1.0 / early)))
-    cands = [candidate_thresholds(data.entropy[:, i], per_exit) for i in range(early)]
-    as_loss = CalibrationData(data.entropy, exit_losses(data, risk))
-    loss, _, cost = evaluate_grid(as_loss, exit_macs, cands)
-    loss, cost = loss.reshape(-1), cost.reshape(-1)
-    combos = list(itertools.product(*cands))
+    loss, cost, combos = _loss_grid(data, exit_macs, risk, budget)
     # cheapest, then least risky, then the smallest thresholds (product order) among the
     # settings within the budget (all-zero always is)
     ok = (loss <= epsilon + 1e-12).nonzero().squeeze(1)

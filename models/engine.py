@@ -122,6 +122,44 @@ def _plain_numbers(values: object) -> TypeGuard[Sequence[float]]:
     )
 
 
+class EarlyExits:
+    """The ``early_exit`` method of everything that classifies through an
+    :class:`Executor` (:class:`~models.branchy.BranchyNet` on the eager engine,
+    :class:`~models.runtimes.EarlyExitEngine` on the runtime chosen for it): one
+    signature, one contract, here."""
+
+    def _executor(self) -> Executor:
+        """What runs the segments (each class says)."""
+        raise NotImplementedError
+
+    def early_exit(
+        self,
+        x: Tensor,
+        thresholds: Sequence[float] | Tensor = (),
+        *,
+        release: Release | None = None,
+    ) -> ExitResult:
+        """Classify a batch, letting each sample leave at the first confident exit.
+
+        At early exit ``i`` a sample whose entropy is strictly below its threshold
+        ``T_i`` leaves with that exit's logits; only the samples still in flight run the
+        following stages (the batch is compacted after every exit). The last exit
+        answers for everything that reaches it.
+
+        Args:
+            x: ``(B, C, H, W)`` input batch, on the model's device.
+            thresholds: ``num_exits - 1`` floats, or a ``(B, num_exits - 1)`` tensor of
+                per-sample thresholds. ``0`` lets nobody leave at that exit, ``inf``
+                everybody.
+            release: called once per exit with the samples that left there (input
+                positions, exit, logits, entropies), before the next stage runs.
+
+        Returns:
+            The exit taken, its logits and entropy, per sample, in input order.
+        """
+        return early_exit(self._executor(), x, thresholds, release=release)
+
+
 def early_exit(
     executor: Executor,
     x: Tensor,

@@ -40,6 +40,8 @@ def _b1(num_classes: int) -> nn.Sequential:
 
 
 def _parts(cfg: LeNetConfig) -> tuple[list[nn.Module], list[nn.Module]]:
+    """B-LeNet: LeNet with one side branch after the first convolution (2 exits); LeNet:
+    the same trunk and final classifier without the side branch."""
     conv1 = nn.Conv2d(cfg.in_channels, 5, 5, padding=3)  # (B, 5, 30, 30)
     rest = nn.Sequential(
         _pool(), nn.ReLU(), nn.Conv2d(5, 10, 5, padding=3),  # 10×17×17
@@ -53,12 +55,5 @@ def _parts(cfg: LeNetConfig) -> tuple[list[nn.Module], list[nn.Module]]:
 
 
 b_lenet, lenet = register_family(
-    LeNetConfig,
-    names=("b-lenet", "lenet"),
-    docs=(
-        "B-LeNet: LeNet with one side branch after the first convolution (2 exits).",
-        "LeNet: the B-LeNet trunk and final classifier without the side branch.",
-    ),
-    parts=_parts,
-    input_size=(28, 28),
+    LeNetConfig, _parts, names=("b-lenet", "lenet"), input_size=(28, 28)
 )

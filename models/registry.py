@@ -51,10 +51,9 @@ def register_model(name: str, config_cls: type) -> Callable[[_B], _B]:
 
 def register_family(
     config_cls: Callable[..., _C],
+    parts: Callable[[_C], tuple[list[nn.Module], list[nn.Module]]],
     *,
     names: tuple[str, str],
-    docs: tuple[str, str],
-    parts: Callable[[_C], tuple[list[nn.Module], list[nn.Module]]],
     input_size: tuple[int, int],
     name_of: Callable[[_C], str] | None = None,
     defaults: Mapping[str, Any] | None = None,
@@ -64,10 +63,9 @@ def register_family(
 
     Args:
         config_cls: the family's config dataclass.
-        names: registry names of the branchy and the plain network.
-        docs: their builders' docstrings.
         parts: ``cfg -> (stages, heads)``, the architecture itself (one stage and one
-            head when ``cfg.branches`` is false).
+            head when ``cfg.branches`` is false); its docstring describes both networks
+            and becomes the builders'.
         input_size: ``(H, W)`` the network expects.
         name_of: the network's own name from its config (default: ``names[0]`` when
             ``cfg.branches``, else ``names[1]``).
@@ -82,7 +80,7 @@ def register_family(
             return name_of(cfg)
         return names[0] if cfg.branches else names[1]
 
-    def make(registered: str, branches: bool, doc: str) -> Builder:
+    def make(registered: str, branches: bool) -> Builder:
         def builder(**config: object) -> BranchyNet:
             cfg = config_cls(**{**(defaults or {}), "branches": branches, **config})
             stages, heads = parts(cfg)
@@ -96,10 +94,10 @@ def register_family(
             )
 
         builder.__name__ = builder.__qualname__ = registered.replace("-", "_")
-        builder.__doc__ = doc
+        builder.__doc__ = parts.__doc__
         return register_model(registered, config_cls)(builder)  # type: ignore[arg-type]
 
-    return make(names[0], True, docs[0]), make(names[1], False, docs[1])
+    return make(names[0], True), make(names[1], False)
 
 
 def list_models() -> list[str]:

@@ -90,6 +90,8 @@ def _b2(num_classes: int) -> nn.Sequential:
 
 
 def _parts(cfg: ResNetConfig) -> tuple[list[nn.Module], list[nn.Module]]:
+    """B-ResNet: the CIFAR ResNet of ``cfg.depth`` with branches after block 1 and after
+    stage 1 (3 exits); ResNet: the plain network (1 exit)."""
     n = cfg.blocks_per_stage
     stem = [nn.Conv2d(cfg.in_channels, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU()]
     stage1 = _stage(16, 16, n, 1)  # (B, 16, 32, 32)
@@ -120,12 +122,8 @@ def _name(cfg: ResNetConfig) -> str:
 for _depth in (20, 32, 56, 110):
     register_family(
         ResNetConfig,
+        _parts,
         names=(f"b-resnet{_depth}", f"resnet{_depth}"),
-        docs=(
-            f"B-ResNet-{_depth}: branches after block 1 and after stage 1 (3 exits).",
-            f"ResNet-{_depth} for CIFAR (1 exit).",
-        ),
-        parts=_parts,
         input_size=(32, 32),
         name_of=_name,
         defaults={"depth": _depth},

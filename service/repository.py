@@ -61,14 +61,7 @@ def load_engine(path: Path, device: torch.device, settings: Settings) -> Engine:
     start = time.perf_counter()
     checkpoint = load_checkpoint(path, device="cpu")
     checkpoint.model.exit_macs()  # counted (and cached) on the CPU in float32
-    engine = Engine(
-        checkpoint,
-        device,
-        runtime=settings.runtime,
-        precision=settings.precision,
-        half_precision=settings.half_precision,
-        compile=settings.compile,
-    )
+    engine = Engine(checkpoint, device, **settings.engine_options())
     engine.warm_up(sorted({1, settings.max_batch_size})[: settings.warmup_batches])
     logger.info(
         "loaded %s (%s, %d exits) on %s, runtime %s %s, in %.2f s",
@@ -145,15 +138,7 @@ class ServedModel:
         self.thresholds_updated_at = time.time()
         self.state_mtime_ns: int | None = None
         self.loaded_at = time.time()
-        self.batcher = Batcher(
-            name,
-            self,
-            metrics,
-            max_batch_size=settings.max_batch_size,
-            max_delay_s=settings.max_batch_delay_s,
-            max_queue=settings.max_queue,
-            early_release=settings.early_release,
-        )
+        self.batcher = Batcher(name, self, metrics, **settings.batcher_options())
 
     def snapshot(self) -> tuple[Engine, tuple[float, ...]]:
         current = self._current  # one reference read: engine and thresholds agree

@@ -23,6 +23,14 @@ _CHOICES = {
     "precision": ("auto", "fp32", "bf16"),
 }
 _LOG_LEVELS = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG")
+# Keyword option of the component -> the setting that gives it.
+_ENGINE_OPTIONS = {o: o for o in ("runtime", "precision", "half_precision", "compile")}
+_BATCHER_OPTIONS = {
+    "max_batch_size": "max_batch_size",
+    "max_delay_s": "max_batch_delay_s",
+    "max_queue": "max_queue",
+    "early_release": "early_release",
+}
 
 
 class Settings(BaseSettings):
@@ -183,6 +191,14 @@ class Settings(BaseSettings):
             where = "" if root.is_absolute() else " (relative paths start at the working directory)"
             raise ValueError(f"model_repository {str(root)!r} is not a directory{where}")
         return self
+
+    def engine_options(self) -> dict[str, Any]:
+        """The keyword options of ``service.batcher.Engine`` these settings choose."""
+        return {option: getattr(self, name) for option, name in _ENGINE_OPTIONS.items()}
+
+    def batcher_options(self) -> dict[str, Any]:
+        """The keyword options of ``service.batcher.Batcher`` these settings choose."""
+        return {option: getattr(self, name) for option, name in _BATCHER_OPTIONS.items()}
 
     @property
     def max_batch_delay_s(self) -> float:
