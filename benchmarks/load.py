@@ -48,6 +48,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from models import Checkpoint, choose_thresholds, load_checkpoint  # noqa: E402
+from models.calibration import exit_outputs  # noqa: E402
+from models.exits import leaves  # noqa: E402
 from service.preprocess import preprocess  # noqa: E402
 from testsupport.checkpoints import write_checkpoint  # noqa: E402
 from testsupport.multipart import encode_multipart, image_parts  # noqa: E402
@@ -175,18 +177,15 @@ def calibrated_thresholds(
     if ckpt.calibration is not None and ckpt.metrics:
         point = choose_thresholds(ckpt.calibration, ckpt.model.exit_macs(), tolerance=tolerance)
         return list(point.thresholds), f"chosen on the calibration data for tolerance {tolerance}"
-    from models import entropy_from_logits
-
     xs = torch.stack([preprocess(b, ckpt.input_spec, max_pixels=1 << 24) for b in images])
-    with torch.inference_mode():
-        entropy = torch.stack([entropy_from_logits(z) for z in ckpt.model(xs)], dim=1)
+    entropy, _ = exit_outputs(ckpt.model, xs)
     thresholds, alive, left = [], torch.ones(len(xs), dtype=torch.bool), 1.0
     for i in range(ckpt.model.num_exits - 1):
         share = shares[i] if i < len(shares) else 0.5 * left
         q = min(1.0, share / left) if left > 0 else 0.0
         t = float(torch.quantile(entropy[alive, i].double(), q)) if alive.any() else 0.0
         thresholds.append(t)
-        alive &= ~(entropy[:, i] < t)
+        alive &= ~leaves(entropy[:, i], t)
         left -= share
     return thresholds, (
         f"untrained network: entropy quantiles of the benchmark images for exit shares {shares}"

@@ -401,7 +401,7 @@ def summarise_pair(
             "runtime": e.engine.runtime,
             "precision": e.engine.precision,
             "reason": e.engine.reason,
-            "thresholds": [models.checkpoint.encode_threshold(t) for t in e.thresholds],
+            "thresholds": models.exits.encode_thresholds(e.thresholds),
             "latency_ms": {
                 "median": 1e3 * _latency_median(e),  # median of the rounds' medians
                 "per_round_median": [1e3 * statistics.median(r) for r in e.latency_s],

@@ -11,8 +11,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from models.branchy import BranchyNet
-from models.registry import register_model
+from models.registry import register_family
 
 
 @dataclass(frozen=True)
@@ -66,7 +65,9 @@ def _b2(cfg: AlexNetConfig) -> nn.Sequential:
     )  # fmt: skip
 
 
-def _build(cfg: AlexNetConfig, name: str) -> BranchyNet:
+def _parts(cfg: AlexNetConfig) -> tuple[list[nn.Module], list[nn.Module]]:
+    """B-AlexNet: AlexNet with side branches after conv2 and conv3 (3 exits); AlexNet:
+    the same trunk and final classifier without side branches."""
     s1 = nn.Sequential(
         nn.Conv2d(cfg.in_channels, 32, 5, padding=2), nn.ReLU(), _pool(), _lrn(),  # 32×16×16
         nn.Conv2d(32, 64, 5, padding=2),  # 64×16×16
@@ -82,29 +83,10 @@ def _build(cfg: AlexNetConfig, name: str) -> BranchyNet:
         nn.Linear(128, cfg.num_classes),
     )  # fmt: skip
     if cfg.branches:
-        stages: list[nn.Module] = [s1, s2, s3]
-        heads: list[nn.Module] = [_b1(cfg), _b2(cfg), classifier]
-    else:
-        stages, heads = [nn.Sequential(s1, s2, s3)], [classifier]
-    return BranchyNet(
-        stages,
-        heads,
-        name=name,
-        config=cfg,
-        input_shape=(cfg.in_channels, 32, 32),
-        num_classes=cfg.num_classes,
-    )
+        return [s1, s2, s3], [_b1(cfg), _b2(cfg), classifier]
+    return [nn.Sequential(s1, s2, s3)], [classifier]
 
 
-@register_model("b-alexnet", AlexNetConfig)
-def b_alexnet(**config: object) -> BranchyNet:
-    """B-AlexNet: AlexNet with side branches after conv2 and conv3 (3 exits)."""
-    cfg = AlexNetConfig(**{"branches": True, **config})  # type: ignore[arg-type]
-    return _build(cfg, "b-alexnet" if cfg.branches else "alexnet")
-
-
-@register_model("alexnet", AlexNetConfig)
-def alexnet(**config: object) -> BranchyNet:
-    """AlexNet: the B-AlexNet trunk and final classifier without side branches."""
-    cfg = AlexNetConfig(**{"branches": False, **config})  # type: ignore[arg-type]
-    return _build(cfg, "b-alexnet" if cfg.branches else "alexnet")
+b_alexnet, alexnet = register_family(
+    AlexNetConfig, _parts, names=("b-alexnet", "alexnet"), input_size=(32, 32)
+)

@@ -14,11 +14,12 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from models.engine import ExitResult, Release, TorchExecutor, early_exit
+from models.engine import EarlyExits, ExitResult, TorchExecutor  # noqa: F401 (ExitResult re-exported)
 from models.inference import shared_prefix
+from models.macs import exit_macs
 
 
-class BranchyNet(nn.Module):
+class BranchyNet(EarlyExits, nn.Module):
     """An ordered list of trunk stages with one exit head per stage.
 
     Args:
@@ -71,32 +72,9 @@ class BranchyNet(nn.Module):
             outs.append(head(h))
         return outs
 
-    def early_exit(
-        self,
-        x: Tensor,
-        thresholds: Sequence[float] | Tensor = (),
-        *,
-        release: Release | None = None,
-    ) -> ExitResult:
-        """Classify a batch, letting each sample leave at the first confident exit.
-
-        At early exit ``i`` a sample whose entropy is strictly below its threshold
-        ``T_i`` leaves with that exit's logits; only the samples still in flight run the
-        following stages (the batch is compacted after every exit). The last exit
-        answers for everything that reaches it.
-
-        Args:
-            x: ``(B, C, H, W)`` input batch, on the model's device.
-            thresholds: ``num_exits - 1`` floats, or a ``(B, num_exits - 1)`` tensor of
-                per-sample thresholds. ``0`` lets nobody leave at that exit, ``inf``
-                everybody.
-            release: called once per exit with the samples that left there (input
-                positions, exit, logits, entropies), before the next stage runs.
-
-        Returns:
-            The exit taken, its logits and entropy, per sample, in input order.
-        """
-        return early_exit(TorchExecutor(self), x, thresholds, release=release)
+    def _executor(self) -> TorchExecutor:
+        # early_exit (from EarlyExits) runs on the eager engine over this network
+        return TorchExecutor(self)
 
     def shared_prefixes(self) -> list[int]:
         """Per exit, how many leading layers its head shares with the next trunk stage
@@ -109,17 +87,8 @@ class BranchyNet(nn.Module):
     def exit_macs(self) -> list[int]:
         """Multiply-accumulates to reach and evaluate each exit, for one sample.
 
-        Entry ``i`` counts stages ``0..i`` and heads ``0..i``: a sample leaving at exit
-        ``i`` has paid for every earlier head too. Counted from conv and linear layers
-        by running one dummy sample, not typed in by hand.
+        :func:`models.macs.exit_macs` of this network, cached on it.
         """
-        if self._exit_macs is None:
-            from models.macs import stage_and_head_macs
-
-            stage_macs, head_macs = stage_and_head_macs(self)
-            total, cumulative = 0, []
-            for s, h in zip(stage_macs, head_macs, strict=True):
-                total += s + h
-                cumulative.append(total)
-            self._exit_macs = cumulative
+        if self._exit_macs is None:  # the architecture fixes them: counted once
+            self._exit_macs = exit_macs(self)
         return list(self._exit_macs)

@@ -22,10 +22,12 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+
+from models.exits import encode_thresholds, entropy_from_logits, leaves
 
 # The threshold grid of the original BranchyNet experiments (per early exit).
 ORIGINAL_GRID: tuple[float, ...] = (
@@ -98,6 +100,59 @@ class CalibrationData:
         )
 
 
+def _fields(obj: object, *, skip: tuple[str, ...] = ()) -> dict[str, object]:
+    """A dataclass's fields by name, in order (shallow: values as they are)."""
+    return {f.name: getattr(obj, f.name) for f in fields(obj) if f.name not in skip}  # type: ignore[arg-type]
+
+
+@torch.no_grad()
+def exit_outputs(model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
+    """Every exit's entropy and predicted class for one batch, nobody leaving early.
+
+    Args:
+        model: a :class:`~models.branchy.BranchyNet` (its ``forward`` gives every
+            exit's logits).
+        x: ``(B, C, H, W)`` normalised inputs on the model's device.
+
+    Returns:
+        ``(B, E)`` float32 entropies and ``(B, E)`` int64 predictions, on ``x``'s device.
+    """
+    outs = [z.float() for z in model(x)]
+    entropy = torch.stack([entropy_from_logits(z) for z in outs], 1)
+    prediction = torch.stack([z.argmax(1) for z in outs], 1)
+    return entropy, prediction
+
+
+def collect_calibration(
+    model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]]
+) -> CalibrationData:
+    """Calibration data of ``model`` on labelled batches: the one way training,
+    evaluation and benchmarks measure every exit.
+
+    The model runs in eval mode (its mode is restored after), without autograd.
+
+    Args:
+        model: a :class:`~models.branchy.BranchyNet`.
+        batches: ``(x, labels)`` pairs: ``(B, C, H, W)`` normalised inputs on the
+            model's device and ``(B,)`` class indices (any device).
+
+    Returns:
+        The entropies, correctness and predictions of all batches, in order, on the CPU.
+    """
+    was_training = model.training
+    model.eval()
+    entropies, corrects, predictions = [], [], []
+    try:
+        for x, labels in batches:
+            entropy, prediction = exit_outputs(model, x)
+            entropies.append(entropy.cpu())
+            predictions.append(prediction.cpu())
+            corrects.append((prediction == labels.to(prediction.device)[:, None]).cpu())
+    finally:
+        model.train(was_training)
+    return CalibrationData(torch.cat(entropies), torch.cat(corrects), torch.cat(predictions))
+
+
 @dataclass(frozen=True)
 class OperatingPoint:
     """What one threshold setting does on the calibration (or test) data."""
@@ -110,11 +165,9 @@ class OperatingPoint:
 
     def to_json(self) -> dict[str, object]:
         return {
-            "thresholds": [t if math.isfinite(t) else "inf" for t in self.thresholds],
-            "accuracy": self.accuracy,
+            **_fields(self),
+            "thresholds": encode_thresholds(self.thresholds),
             "exit_shares": list(self.exit_shares),
-            "expected_macs": self.expected_macs,
-            "relative_cost": self.relative_cost,
         }
 
     def describe(self) -> str:
@@ -143,7 +196,7 @@ def exits_taken(entropy: Tensor, thresholds: Tensor) -> Tensor:
     )
     # from the last early exit back to the first, so the earliest exit that admits wins
     for i in range(e - 2, -1, -1):
-        leave = entropy[None, :, i] < thresholds[:, i : i + 1]  # (M, N)
+        leave = leaves(entropy[None, :, i], thresholds[:, i : i + 1])  # (M, N)
         taken = torch.where(leave, torch.full_like(taken, i), taken)
     return taken
 
@@ -416,19 +469,9 @@ class CertifiedPoint:
     passed: int
 
     def to_json(self) -> dict[str, object]:
-        return {
-            **self.point.to_json(),
-            "risk": self.risk,
-            "epsilon": self.epsilon,
-            "confidence": 1.0 - self.delta,
-            "certified_bound": self.bound,
-            "empirical_risk": self.empirical_risk,
-            "p_value": self.p_value,
-            "tested_samples": self.tested_samples,
-            "path_samples": self.path_samples,
-            "candidates": self.candidates,
-            "passed": self.passed,
-        }
+        out = {**self.point.to_json(), **_fields(self, skip=("point", "delta", "bound"))}
+        # in JSON: the confidence 1 - delta, and the bound named for what it bounds
+        return {**out, "confidence": 1.0 - self.delta, "certified_bound": self.bound}
 
     def describe(self) -> str:
         return (
@@ -519,6 +562,21 @@ def risk_of(data: CalibrationData, thresholds: Sequence[float], risk: str) -> fl
     return float(loss.double().mean())
 
 
+def _loss_grid(
+    data: CalibrationData, exit_macs: Sequence[int], risk: str, budget: int
+) -> tuple[Tensor, Tensor, list[tuple[float, ...]]]:
+    """Loss rate and expected MACs of every setting of the exact candidate grid (about
+    ``budget`` settings), flat, with the settings in the same (product) order."""
+    early = data.num_exits - 1
+    per_exit = max(2, int(budget ** (1.0 / early)))
+    cands = [candidate_thresholds(data.entropy[:, i], per_exit) for i in range(early)]
+    # evaluate_grid sums ``correct`` over the samples at the exit each takes: with the
+    # loss matrix in its place it sums the losses
+    as_loss = CalibrationData(data.entropy, exit_losses(data, risk))
+    loss, _, cost = evaluate_grid(as_loss, exit_macs, cands)
+    return loss.reshape(-1), cost.reshape(-1), list(itertools.product(*cands))
+
+
 def risk_path(
     data: CalibrationData, exit_macs: Sequence[int], risk: str, *, budget: int = 40_000
 ) -> list[tuple[float, ...]]:
@@ -528,15 +586,7 @@ def risk_path(
     :func:`choose_thresholds`: settings sorted by risk, each strictly cheaper than every
     less risky one. Starts at all-zero thresholds (nobody leaves early).
     """
-    early = data.num_exits - 1
-    per_exit = max(2, int(budget ** (1.0 / early)))
-    cands = [candidate_thresholds(data.entropy[:, i], per_exit) for i in range(early)]
-    # evaluate_grid sums ``correct`` over the samples at the exit each takes: with the
-    # loss matrix in its place it sums the losses
-    as_loss = CalibrationData(data.entropy, exit_losses(data, risk))
-    loss, _, cost = evaluate_grid(as_loss, exit_macs, cands)
-    loss, cost = loss.reshape(-1), cost.reshape(-1)
-    combos = list(itertools.product(*cands))
+    loss, cost, combos = _loss_grid(data, exit_macs, risk, budget)
     # sort by risk, then cost (stable sorts, last key first); keep each setting strictly
     # cheaper than every less risky one
     order = torch.sort(cost, stable=True).indices
@@ -566,12 +616,7 @@ def cheapest_within_risk(
     early = data.num_exits - 1
     if early == 0:
         return evaluate_thresholds(data, exit_macs, []), 0.0
-    per_exit = max(2, int(budget ** (1.0 / early)))
-    cands = [candidate_thresholds(data.entropy[:, i], per_exit) for i in range(early)]
-    as_loss = CalibrationData(data.entropy, exit_losses(data, risk))
-    loss, _, cost = evaluate_grid(as_loss, exit_macs, cands)
-    loss, cost = loss.reshape(-1), cost.reshape(-1)
-    combos = list(itertools.product(*cands))
+    loss, cost, combos = _loss_grid(data, exit_macs, risk, budget)
     # cheapest, then least risky, then the smallest thresholds (product order) among the
     # settings within the budget (all-zero always is)
     ok = (loss <= epsilon + 1e-12).nonzero().squeeze(1)

@@ -17,6 +17,7 @@ Layout (format_version 1)::
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -29,9 +30,11 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from torch import Tensor
 
 from models.branchy import BranchyNet
 from models.calibration import CalibrationData
+from models.exits import check_thresholds, encode_thresholds
 from models.registry import build_model
 
 FORMAT = "branchy-checkpoint"
@@ -73,6 +76,21 @@ class InputSpec:
     def shape(self) -> tuple[int, int, int]:
         return (self.channels, self.height, self.width)
 
+    def normalise(self, pixels: Tensor) -> Tensor:
+        """``(x / 255 - mean) / std`` per channel, in float32: the one definition of the
+        network's input, for training, evaluation and serving alike. The arithmetic is
+        torchvision's ``ToTensor`` + ``Normalize`` (so served and offline answers agree),
+        in place on the fresh float copy.
+
+        Args:
+            pixels: ``(C, H, W)`` or ``(B, C, H, W)`` uint8 (or float in ``[0, 255]``).
+
+        Returns:
+            A new float32 tensor on ``pixels``' device.
+        """
+        mean, std = _stats(self, pixels.device)
+        return normalise_pixels(pixels, mean, std)
+
     def to_json(self) -> dict[str, Any]:
         return {
             "channels": self.channels,
@@ -81,6 +99,20 @@ class InputSpec:
             "mean": list(self.mean),
             "std": list(self.std),
         }
+
+
+def normalise_pixels(pixels: Tensor, mean: Tensor, std: Tensor) -> Tensor:
+    """:meth:`InputSpec.normalise` with the statistics given as ``(C, 1, 1)`` float32
+    tensors on ``pixels``' device (for callers that hold them already, e.g. training).
+    ``pixels`` is never changed: the arithmetic runs in place on a float32 copy."""
+    return pixels.to(torch.float32, copy=True).div_(255).sub_(mean).div_(std)
+
+
+@functools.lru_cache(maxsize=64)
+def _stats(spec: InputSpec, device: torch.device) -> tuple[Tensor, Tensor]:
+    mean = torch.tensor(spec.mean, dtype=torch.float32, device=device).view(-1, 1, 1)
+    std = torch.tensor(spec.std, dtype=torch.float32, device=device).view(-1, 1, 1)
+    return mean, std
 
 
 @dataclass
@@ -146,7 +178,7 @@ def save_checkpoint(
         "num_exits": model.num_exits,
         "class_names": list(class_names),
         "input": input_spec.to_json(),
-        "thresholds": [encode_threshold(t) for t in thresholds],
+        "thresholds": encode_thresholds(thresholds),
         "exit_macs": model.exit_macs(),
         "calibration": None
         if calibration is None
@@ -261,11 +293,6 @@ def _write_calibration(path: Path, calibration: CalibrationData) -> None:
     _atomic(path / CALIBRATION, lambda p: save_file(tensors, str(p)))
 
 
-def encode_threshold(t: float) -> float | str:
-    """JSON has no infinity: +inf ("everyone leaves here") is written as "inf"."""
-    return float(t) if math.isfinite(t) else "inf"
-
-
 def _read_manifest(path: Path) -> dict[str, Any]:
     file = path / MANIFEST
     if not file.is_file():
@@ -346,8 +373,10 @@ def _check_consistency(
             f"checkpoint {where}: {len(thresholds)} threshold(s) for a model with "
             f"{model.num_exits} exits (needs {model.num_exits - 1})"
         )
-    if not all(t >= 0 and not math.isnan(t) for t in thresholds):
-        raise CheckpointError(f"checkpoint {where}: thresholds must be >= 0; got {thresholds}")
+    try:
+        check_thresholds(thresholds, model.num_exits)
+    except ValueError as exc:
+        raise CheckpointError(f"checkpoint {where}: {exc}") from None
     if calibration is not None and calibration.num_exits != model.num_exits:
         raise CheckpointError(
             f"checkpoint {where}: calibration data has {calibration.num_exits} exit(s), "

@@ -31,7 +31,13 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from models.exits import entropy_from_logits, entropy_of_one, threshold_matrix, thresholds_for_one
+from models.exits import (
+    entropy_from_logits,
+    entropy_of_one,
+    leaves,
+    threshold_matrix,
+    thresholds_for_one,
+)
 from models.inference import global_hooks_active, run_module, run_owned, run_stage
 
 
@@ -116,6 +122,44 @@ def _plain_numbers(values: object) -> TypeGuard[Sequence[float]]:
     )
 
 
+class EarlyExits:
+    """The ``early_exit`` method of everything that classifies through an
+    :class:`Executor` (:class:`~models.branchy.BranchyNet` on the eager engine,
+    :class:`~models.runtimes.EarlyExitEngine` on the runtime chosen for it): one
+    signature, one contract, here."""
+
+    def _executor(self) -> Executor:
+        """What runs the segments (each class says)."""
+        raise NotImplementedError
+
+    def early_exit(
+        self,
+        x: Tensor,
+        thresholds: Sequence[float] | Tensor = (),
+        *,
+        release: Release | None = None,
+    ) -> ExitResult:
+        """Classify a batch, letting each sample leave at the first confident exit.
+
+        At early exit ``i`` a sample whose entropy is strictly below its threshold
+        ``T_i`` leaves with that exit's logits; only the samples still in flight run the
+        following stages (the batch is compacted after every exit). The last exit
+        answers for everything that reaches it.
+
+        Args:
+            x: ``(B, C, H, W)`` input batch, on the model's device.
+            thresholds: ``num_exits - 1`` floats, or a ``(B, num_exits - 1)`` tensor of
+                per-sample thresholds. ``0`` lets nobody leave at that exit, ``inf``
+                everybody.
+            release: called once per exit with the samples that left there (input
+                positions, exit, logits, entropies), before the next stage runs.
+
+        Returns:
+            The exit taken, its logits and entropy, per sample, in input order.
+        """
+        return early_exit(self._executor(), x, thresholds, release=release)
+
+
 def early_exit(
     executor: Executor,
     x: Tensor,
@@ -183,7 +227,7 @@ def _early_exit(
             if release is not None:
                 release(alive, i, z, e)
             break
-        leave = e < t[:, i]
+        leave = leaves(e, t[:, i])
         rows = leave.nonzero().squeeze(1)  # one host sync per exit, inherent
         if rows.numel():
             dst = alive[rows]
@@ -208,7 +252,7 @@ def _early_exit_one(
     for i in range(executor.num_exits):
         state, za, ea = executor.segment(i, state, one=True)
         # on a GPU the last exit needs no decision, so no sync on its value
-        if i < last and not float(ea[0]) < thresholds[i]:
+        if i < last and not leaves(float(ea[0]), thresholds[i]):
             continue  # not confident enough: on to the next segment
         z, e = _tensor(za), _tensor(ea)
         if e.is_cpu:  # torch.full costs 2-5 µs, this 1-2

@@ -1,13 +1,90 @@
-"""The exit rule: softmax entropy of an exit's logits against that exit's threshold."""
+"""The exit rule and everything about thresholds, in one place.
+
+* The rule: at early exit ``i`` a sample leaves when the entropy of that exit's softmax
+  is *strictly* below the exit's threshold, ``entropy < T_i`` (:func:`leaves`). So ``0``
+  lets nobody leave there and ``inf`` everybody; the last exit always answers.
+* Valid thresholds (:func:`check_thresholds`): one per early exit, each a number ``>= 0``
+  or ``inf``, never NaN. The same rule for every way in: a request's own ``thresholds``
+  query, the admin API, the state folder and checkpoints. ``inf`` is allowed everywhere,
+  because "everyone leaves here" is a setting an operator may want.
+* Their JSON form (:func:`encode_thresholds`): JSON has no infinity, so ``inf`` is
+  written as the string ``"inf"`` and read back by :func:`check_thresholds`.
+"""
 
 from __future__ import annotations
 
 import array
 import math
 from collections.abc import Sequence
+from typing import Any, Literal, overload
 
 import torch
 from torch import Tensor
+
+
+@overload
+def leaves(entropy: float, threshold: float) -> bool: ...
+
+
+@overload
+def leaves(entropy: Tensor, threshold: Tensor | float) -> Tensor: ...
+
+
+def leaves(entropy: float | Tensor, threshold: Tensor | float) -> bool | Tensor:
+    """The exit rule: does a sample with this ``entropy`` leave at an exit with this
+    ``threshold``? Strictly below: ``0`` keeps everyone, ``inf`` lets everyone go.
+
+    Args:
+        entropy: a float, or a tensor of entropies (elementwise).
+        threshold: a float, or a tensor broadcastable against ``entropy``.
+    """
+    return entropy < threshold
+
+
+def check_thresholds(values: Any, num_exits: int) -> tuple[float, ...]:
+    """Validate thresholds for a model with ``num_exits`` exits (the module docstring's
+    rule): a list of numbers (or numeric strings such as ``"0.5"`` and ``"inf"``, the
+    JSON and query-string forms), each ``>= 0`` and not NaN, one per early exit.
+
+    Returns:
+        The thresholds as floats.
+
+    Raises:
+        ValueError: not a list, not numbers, NaN, negative, or the wrong count.
+    """
+    if not isinstance(values, list | tuple):
+        raise ValueError(f"thresholds must be a list of numbers; got {type(values).__name__}")
+    # Each value first, then the count: "abc" is not a number, whatever the count.
+    out = []
+    for i, v in enumerate(values):
+        if isinstance(v, bool) or not isinstance(v, int | float | str):
+            raise ValueError(f"threshold {i} must be a number; got {v!r}")
+        try:
+            f = float(v)
+        except (ValueError, OverflowError):
+            shown = v[:40] if isinstance(v, str) else v
+            raise ValueError(f"threshold {i} must be a number (or inf); got {shown!r}") from None
+        if math.isnan(f):
+            raise ValueError(f"threshold {i} is NaN")
+        if f < 0:
+            raise ValueError(f"threshold {i} must be >= 0; got {f}")
+        out.append(f)
+    if len(values) != num_exits - 1:
+        raise ValueError(
+            f"expected {num_exits - 1} threshold(s), one per early exit of this "
+            f"{num_exits}-exit model; got {len(values)}"
+        )
+    return tuple(out)
+
+
+def encode_threshold(t: float) -> float | Literal["inf"]:
+    """JSON has no infinity: +inf ("everyone leaves here") is written as ``"inf"``."""
+    return float(t) if math.isfinite(t) else "inf"
+
+
+def encode_thresholds(thresholds: Sequence[float]) -> list[float | Literal["inf"]]:
+    """:func:`encode_threshold` of each: the JSON form of a threshold setting."""
+    return [encode_threshold(t) for t in thresholds]
 
 
 def entropy_from_logits(logits: Tensor) -> Tensor:

@@ -9,8 +9,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from models.branchy import BranchyNet
-from models.registry import register_model
+from models.registry import register_family
 
 
 @dataclass(frozen=True)
@@ -40,7 +39,9 @@ def _b1(num_classes: int) -> nn.Sequential:
     )  # fmt: skip
 
 
-def _build(cfg: LeNetConfig, name: str) -> BranchyNet:
+def _parts(cfg: LeNetConfig) -> tuple[list[nn.Module], list[nn.Module]]:
+    """B-LeNet: LeNet with one side branch after the first convolution (2 exits); LeNet:
+    the same trunk and final classifier without the side branch."""
     conv1 = nn.Conv2d(cfg.in_channels, 5, 5, padding=3)  # (B, 5, 30, 30)
     rest = nn.Sequential(
         _pool(), nn.ReLU(), nn.Conv2d(5, 10, 5, padding=3),  # 10×17×17
@@ -49,29 +50,10 @@ def _build(cfg: LeNetConfig, name: str) -> BranchyNet:
     )  # fmt: skip
     classifier = nn.Sequential(nn.Linear(720, 84), nn.Linear(84, cfg.num_classes))
     if cfg.branches:
-        stages: list[nn.Module] = [conv1, rest]
-        heads: list[nn.Module] = [_b1(cfg.num_classes), classifier]
-    else:
-        stages, heads = [nn.Sequential(conv1, rest)], [classifier]
-    return BranchyNet(
-        stages,
-        heads,
-        name=name,
-        config=cfg,
-        input_shape=(cfg.in_channels, 28, 28),
-        num_classes=cfg.num_classes,
-    )
+        return [conv1, rest], [_b1(cfg.num_classes), classifier]
+    return [nn.Sequential(conv1, rest)], [classifier]
 
 
-@register_model("b-lenet", LeNetConfig)
-def b_lenet(**config: object) -> BranchyNet:
-    """B-LeNet: LeNet with one side branch after the first convolution (2 exits)."""
-    cfg = LeNetConfig(**{"branches": True, **config})  # type: ignore[arg-type]
-    return _build(cfg, "b-lenet" if cfg.branches else "lenet")
-
-
-@register_model("lenet", LeNetConfig)
-def lenet(**config: object) -> BranchyNet:
-    """LeNet: the B-LeNet trunk and final classifier without the side branch."""
-    cfg = LeNetConfig(**{"branches": False, **config})  # type: ignore[arg-type]
-    return _build(cfg, "b-lenet" if cfg.branches else "lenet")
+b_lenet, lenet = register_family(
+    LeNetConfig, _parts, names=("b-lenet", "lenet"), input_size=(28, 28)
+)

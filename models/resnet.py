@@ -3,7 +3,11 @@
 B-ResNet places its branches where the BranchyNet paper does: B1 after the first residual
 block, B2 after the last block of stage 1. The original code's versions of this network
 disagree with each other (one gives B1 a 26 M-parameter two-layer FC); we keep the
-paper's placement with modest heads, see SPEC.md.
+paper's placement with modest heads, built below:
+
+* B1: ReLU -> LRN -> Conv(16->32, k3, p1) + ReLU -> Conv(32->32, k3, p1) + ReLU ->
+  MaxPool(3, 2) -> FC(->classes);
+* B2: one more basic block (16 channels) -> FC(16 * 32 * 32 -> classes).
 """
 
 from __future__ import annotations
@@ -13,8 +17,7 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.branchy import BranchyNet
-from models.registry import register_model
+from models.registry import register_family
 
 
 @dataclass(frozen=True)
@@ -86,7 +89,9 @@ def _b2(num_classes: int) -> nn.Sequential:
     return nn.Sequential(BasicBlock(16, 16), nn.Flatten(), nn.Linear(16 * 32 * 32, num_classes))
 
 
-def _build(cfg: ResNetConfig, name: str) -> BranchyNet:
+def _parts(cfg: ResNetConfig) -> tuple[list[nn.Module], list[nn.Module]]:
+    """B-ResNet: the CIFAR ResNet of ``cfg.depth`` with branches after block 1 and after
+    stage 1 (3 exits); ResNet: the plain network (1 exit)."""
     n = cfg.blocks_per_stage
     stem = [nn.Conv2d(cfg.in_channels, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU()]
     stage1 = _stage(16, 16, n, 1)  # (B, 16, 32, 32)
@@ -107,34 +112,19 @@ def _build(cfg: ResNetConfig, name: str) -> BranchyNet:
         for layer in m.modules():
             if isinstance(layer, nn.Conv2d):
                 nn.init.kaiming_normal_(layer.weight, mode="fan_out", nonlinearity="relu")
-    return BranchyNet(
-        stages,
-        heads,
-        name=name,
-        config=cfg,
-        input_shape=(cfg.in_channels, 32, 32),
-        num_classes=cfg.num_classes,
-    )
+    return stages, heads
 
 
 def _name(cfg: ResNetConfig) -> str:
     return f"{'b-' if cfg.branches else ''}resnet{cfg.depth}"
 
 
-def _register(depth: int) -> None:
-    def plain(**config: object) -> BranchyNet:
-        cfg = ResNetConfig(**{"depth": depth, "branches": False, **config})  # type: ignore[arg-type]
-        return _build(cfg, _name(cfg))
-
-    def branchy(**config: object) -> BranchyNet:
-        cfg = ResNetConfig(**{"depth": depth, "branches": True, **config})  # type: ignore[arg-type]
-        return _build(cfg, _name(cfg))
-
-    plain.__doc__ = f"ResNet-{depth} for CIFAR (1 exit)."
-    branchy.__doc__ = f"B-ResNet-{depth}: branches after block 1 and after stage 1 (3 exits)."
-    register_model(f"resnet{depth}", ResNetConfig)(plain)
-    register_model(f"b-resnet{depth}", ResNetConfig)(branchy)
-
-
 for _depth in (20, 32, 56, 110):
-    _register(_depth)
+    register_family(
+        ResNetConfig,
+        _parts,
+        names=(f"b-resnet{_depth}", f"resnet{_depth}"),
+        input_size=(32, 32),
+        name_of=_name,
+        defaults={"depth": _depth},
+    )

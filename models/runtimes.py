@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar, overload
 
 import numpy as np
 import torch
@@ -34,7 +34,15 @@ from torch import Tensor
 
 from models.branchy import BranchyNet
 from models.checkpoint import Checkpoint, load_checkpoint
-from models.engine import Array, Executor, ExitResult, Release, TorchExecutor, early_exit
+from models.engine import (
+    Array,
+    EarlyExits,
+    Executor,
+    ExitResult,
+    Release,
+    TorchExecutor,
+    early_exit,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -297,8 +305,32 @@ def time_full_paths(
     return {n: min(m) for n, m in medians.items()}
 
 
+_T = TypeVar("_T")
+
+
+class _from_executor(Generic[_T]):
+    """A read-only attribute of an :class:`EarlyExitEngine` that is its executor's."""
+
+    def __init__(self, name: str, kind: type[_T], doc: str) -> None:
+        self.name, self.kind, self.__doc__ = name, kind, doc
+
+    @overload
+    def __get__(self, obj: None, owner: type | None = None) -> _from_executor[_T]: ...
+
+    @overload
+    def __get__(self, obj: EarlyExitEngine, owner: type | None = None) -> _T: ...
+
+    def __get__(
+        self, obj: EarlyExitEngine | None, owner: type | None = None
+    ) -> _T | _from_executor[_T]:
+        if obj is None:
+            return self
+        value: _T = getattr(obj.executor, self.name)
+        return value
+
+
 @dataclass
-class EarlyExitEngine:
+class EarlyExitEngine(EarlyExits):
     """A checkpoint's network ready for early-exit inference on one executor.
 
     Attributes:
@@ -314,26 +346,20 @@ class EarlyExitEngine:
     reason: str
     timings: dict[str, dict[str, float]] = field(default_factory=dict)
 
-    @property
-    def runtime(self) -> str:
-        return self.executor.runtime
-
-    @property
-    def precision(self) -> str:
-        return self.executor.precision
-
-    @property
-    def device(self) -> torch.device:
-        return self.executor.device
+    runtime = _from_executor("runtime", str, "``torch``, ``onnxruntime`` or ``openvino``.")
+    precision = _from_executor("precision", str, "``fp32``, ``bf16`` or ``fp16``.")
+    device = _from_executor("device", torch.device, "Where the segments run.")
+    num_exits = _from_executor("num_exits", int, "Exits of the network.")
 
     @property
     def model(self) -> BranchyNet:
         """The eager torch network (the reference; also what training uses)."""
         return self.checkpoint.model
 
-    @property
-    def num_exits(self) -> int:
-        return self.executor.num_exits
+    def _executor(self) -> Executor:
+        # early_exit (from EarlyExits): exactly BranchyNet.early_exit's contract, on
+        # the runtime chosen for this network
+        return self.executor
 
     def early_exit(
         self,
@@ -342,12 +368,11 @@ class EarlyExitEngine:
         *,
         release: Release | None = None,
     ) -> ExitResult:
-        """Exactly the contract of :meth:`models.BranchyNet.early_exit` (and ``release``
-        as :func:`models.engine.early_exit`)."""
         own = getattr(self.executor, "early_exit", None)  # CapturedExecutor decides on the device
         if own is not None:
-            return own(x, thresholds, release=release)
-        return early_exit(self.executor, x, thresholds, release=release)
+            result: ExitResult = own(x, thresholds, release=release)
+            return result
+        return super().early_exit(x, thresholds, release=release)
 
 
 def _serialized(models: Sequence[Any]) -> list[bytes]:

@@ -11,8 +11,9 @@ import torch
 import uvicorn
 from pydantic import ValidationError
 
+from models.devices import resolve_device
 from service.app import create_app
-from service.repository import discover, resolve_device
+from service.repository import discover
 from service.settings import Settings
 
 logger = logging.getLogger("service")

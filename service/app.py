@@ -9,20 +9,22 @@ import logging
 import re
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from pathlib import Path
 
+import torch
 from fastapi import FastAPI
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import __version__, autotune, shadow
+from service.batcher import Engine
+from service.deps import AppState, app_state
 from service.errors import error_body, install_error_handlers, is_v2_path
-from service.loading import start_model
+from service.manager import ModelManager
 from service.metrics import UNKNOWN_MODEL, Metrics
-from service.repository import ServedModel, discover, load_engine, resolve_device
+from service.repository import load_engine
 from service.routes import admin, classify, console, docs, health, v2
 from service.settings import Settings
-from service.state import clean_stale_temporaries, file_mtime_ns, load_thresholds
 
 logger = logging.getLogger(__name__)
 
@@ -51,15 +53,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         docs_url=None,  # /docs: routes/docs.py, with local assets (no CDN); no /redoc
         redoc_url=None,
     )
-    app.state.settings = settings
     # Created here, not in the lifespan, so /metrics and /healthz answer while loading.
-    app.state.metrics = Metrics()
-    app.state.models = {}
-    app.state.expected_models = set()
-    app.state.failed = {}
-    app.state.ready = False
-    app.state.admin_locks = {}
-    install_error_handlers(app)
+    metrics = Metrics()
+    manager = ModelManager(settings, metrics, loader=_load_engine)
+    manager.on_start.append(lambda served, _saved: shadow.attach(app, served))
+    manager.on_start.append(lambda served, saved: autotune.tuner(app).register(served, saved))
+    manager.on_follow.append(lambda served, saved: autotune.tuner(app).follow(served, saved))
+    app.state.service = AppState(settings=settings, metrics=metrics, models=manager)
+    # The same objects under the names service/autotune.py and service/shadow.py still
+    # read (they are to reach them through service.deps too); nothing else uses these.
+    app.state.settings = settings
+    app.state.metrics = metrics
+    app.state.models = manager.models
+    app.state.admin_locks = manager.locks
+    install_error_handlers(app, metrics)
     app.include_router(health.router)
     app.include_router(classify.router)
     app.include_router(v2.router)
@@ -67,29 +74,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(console.router)
     docs.install(app)
     app.include_router(autotune.router)
-    app.add_middleware(LimitsMiddleware, settings=settings, app_ref=app)
+    app.add_middleware(LimitsMiddleware, settings=settings, metrics=metrics)
     return app
+
+
+def _load_engine(path: Path, device: torch.device, settings: Settings) -> Engine:
+    # load_engine looked up here, at call time: the seam tests wrap to hold loading.
+    return load_engine(path, device, settings)
 
 
 @contextlib.asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
-    settings: Settings = app.state.settings
-    paths = discover(settings)  # raises on an empty repository: start-up fails clearly
-    device = resolve_device(settings.device)
-    app.state.device = device
-    app.state.expected_models = set(paths)
-    app.state.admin_locks = {name: asyncio.Lock() for name in paths}
-    # Temporaries a killed writer left behind (never renamed into place).
-    await asyncio.to_thread(clean_stale_temporaries, settings.state_dir)
-    logger.info(
-        "serving %d model(s) from %s on %s: %s",
-        len(paths),
-        settings.model_repository,
-        device,
-        ", ".join(paths),
-    )
-    loader = asyncio.create_task(_load_all(app, paths, device), name="load-models")
-    poller = asyncio.create_task(_poll_state(app), name="poll-state")
+    manager = app_state(app).models
+    paths = await manager.start()  # raises on an empty repository: start-up fails clearly
+    loader = asyncio.create_task(manager.load_all(paths), name="load-models")
+    poller = asyncio.create_task(manager.poll_state(), name="poll-state")
     tuning = autotune.running(app)
     await tuning.__aenter__()
     try:
@@ -98,94 +97,16 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         # Uvicorn has already finished every accepted request when this runs (SIGTERM:
         # stop accepting, drain connections, then lifespan shutdown); the batchers
         # still finish anything queued before they stop.
-        app.state.ready = False
+        manager.ready = False
         for task in (loader, poller):
             task.cancel()
         for task in (loader, poller):
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await tuning.__aexit__(None, None, None)
-        served: dict[str, ServedModel] = app.state.models
-        for model in served.values():
-            if model.batcher is not None:
-                await model.batcher.stop()
+        await manager.stop()
         await asyncio.to_thread(shadow.stop_all, app)
         logger.info("stopped")
-
-
-async def _load_all(app: FastAPI, paths: dict[str, Any], device: Any) -> None:
-    for name, path in paths.items():
-        try:
-            # load_engine looked up here, at call time: the seam tests wrap.
-            await start_model(app, name, path, device, loader=load_engine)
-        except Exception:  # one bad checkpoint must not stop the others (recorded)
-            continue
-    app.state.ready = True  # loading is over; /readyz still names any failed model
-    if app.state.failed:
-        logger.error(
-            "not ready: model(s) %s failed to load (fix the folder, then POST "
-            "/admin/models/<name>/load)",
-            ", ".join(sorted(app.state.failed)),
-        )
-    else:
-        logger.info("ready: %s", ", ".join(app.state.models))
-
-
-async def _poll_state(app: FastAPI) -> None:
-    """Pick up threshold files written by another replica sharing the state folder."""
-    settings: Settings = app.state.settings
-    if settings.state_poll_s <= 0:
-        return
-    while True:
-        await asyncio.sleep(settings.state_poll_s)
-        for name, served in list(app.state.models.items()):
-            try:
-                await reread_state(app, served)
-            except Exception:  # keep polling whatever one file does
-                logger.exception("polling the threshold state of %r failed", name)
-
-
-async def reread_state(app: FastAPI, served: ServedModel) -> bool:
-    """Apply a model's state file if it changed since last seen; True when applied."""
-    settings: Settings = app.state.settings
-    mtime = await asyncio.to_thread(file_mtime_ns, settings.state_dir, served.name)
-    if mtime is None and served.state_mtime_ns is not None:
-        # The file we applied is gone: another replica went back to the checkpoint's
-        # thresholds (admin DELETE).
-        async with app.state.admin_locks[served.name]:
-            served.state_mtime_ns = None
-            own = tuple(served.checkpoint.thresholds)
-            if own == served.thresholds:
-                return False
-            served.set_thresholds(own, source="checkpoint")
-            app.state.metrics.set_thresholds(served.name, own)
-            logger.info(
-                "model %r: thresholds back to the checkpoint's %s (state file removed)",
-                served.name,
-                list(own),
-            )
-            return True
-    if mtime is None or mtime == served.state_mtime_ns:
-        return False
-    async with app.state.admin_locks[served.name]:
-        saved = await asyncio.to_thread(
-            load_thresholds, settings.state_dir, served.name, served.num_exits
-        )
-        served.state_mtime_ns = mtime  # a damaged file is reported once, not every poll
-        if saved is not None:
-            autotune.tuner(app).follow(served, saved)
-        if saved is None or saved.thresholds == served.thresholds:
-            return False
-        old = served.thresholds
-        served.set_thresholds(saved.thresholds, source=saved.source or "state")
-        app.state.metrics.set_thresholds(served.name, saved.thresholds)
-        logger.info(
-            "model %r: thresholds %s -> %s (changed in the state folder)",
-            served.name,
-            list(old),
-            list(saved.thresholds),
-        )
-        return True
 
 
 class LimitsMiddleware:
@@ -199,17 +120,17 @@ class LimitsMiddleware:
       classify and v2 infer endpoints.
     """
 
-    def __init__(self, app: ASGIApp, *, settings: Settings, app_ref: FastAPI) -> None:
+    def __init__(self, app: ASGIApp, *, settings: Settings, metrics: Metrics) -> None:
         self.app = app
         self.settings = settings
-        self.app_ref = app_ref
+        self.metrics = metrics
         self.inflight = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        metrics: Metrics = self.app_ref.state.metrics
+        metrics = self.metrics
         endpoint, model = self._endpoint(scope["path"])
         start = time.perf_counter()
         status = [500]
@@ -306,7 +227,7 @@ class LimitsMiddleware:
         for pattern, endpoint in _MEASURED:
             m = pattern.match(path)
             if m:
-                return endpoint, Metrics.model_label(self.app_ref, m.group(1))
+                return endpoint, self.metrics.model_label(m.group(1))
         return None, UNKNOWN_MODEL
 
     @staticmethod

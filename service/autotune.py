@@ -50,8 +50,8 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
 from models import CalibrationData, NotCertifiable, certify_thresholds, evaluate_thresholds
 from models.calibration import binomial_cdf, binomial_upper_bound, risk_of
+from models.exits import encode_thresholds
 from service.deps import AdminDep, ModelDep, SettingsDep
-from service.inference import encode_thresholds
 from service.repository import ServedModel
 from service.schemas import Threshold
 from service.settings import Settings

@@ -1,20 +1,25 @@
-"""Typed dependencies: the long-lived objects on ``app.state``, reached per request.
+"""The application's typed state and the dependencies through which routes reach it.
 
-All of them are ``async def`` although none awaits: FastAPI runs a plain ``def``
-dependency in anyio's thread pool, a thread hop (and GIL hand-off) per dependency per
-request on the hot path; these only read ``app.state`` and never block.
+``create_app`` puts one :class:`AppState` on ``app.state.service``; a route asks for
+what it needs (``SettingsDep``, ``MetricsDep``, ``ManagerDep``, ``ModelDep``,
+``ReadyDep``, ``AdminDep``) and never reads ``app.state`` itself. The dependencies are
+cheap (attribute reads), so they may run on every request. All of them are ``async
+def`` although none awaits: FastAPI runs a plain ``def`` dependency in anyio's thread
+pool, a thread hop (and GIL hand-off) per dependency per request on the hot path.
 """
 
 from __future__ import annotations
 
 import logging
 import secrets
-from typing import Annotated
+from dataclasses import dataclass
+from typing import Annotated, Any
 
-from fastapi import Depends, Path, Request
+from fastapi import Depends, FastAPI, Path, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from service.errors import AdminDisabled, ModelNotFound, NotReady, Unauthorized
+from service.errors import AdminDisabled, NotReady, Unauthorized
+from service.manager import ModelManager
 from service.metrics import Metrics
 from service.repository import ServedModel
 from service.settings import Settings
@@ -25,29 +30,59 @@ logger = logging.getLogger(__name__)
 MODEL_NAME = Path(description="Model name (its checkpoint folder's name).", max_length=128)
 
 
+@dataclass
+class AppState:
+    """Everything long-lived that a request may reach.
+
+    Attributes:
+        settings: the server settings.
+        metrics: the app's metrics (created with the app, so ``/metrics`` and
+            ``/healthz`` answer while models load).
+        models: the owner of every model's lifecycle.
+        console_history: the web console's recent snapshots
+            (``service.routes.console.StatsHistory``), made on first use.
+    """
+
+    settings: Settings
+    metrics: Metrics
+    models: ModelManager
+    console_history: Any = None
+
+
+def app_state(app: FastAPI) -> AppState:
+    """The :class:`AppState` of an app made by ``service.app.create_app``."""
+    state: AppState = app.state.service
+    return state
+
+
+async def get_state(request: Request) -> AppState:
+    return app_state(request.app)
+
+
 async def get_settings(request: Request) -> Settings:
-    settings: Settings = request.app.state.settings
-    return settings
+    return app_state(request.app).settings
 
 
 async def get_metrics(request: Request) -> Metrics:
-    metrics: Metrics = request.app.state.metrics
-    return metrics
+    return app_state(request.app).metrics
+
+
+async def get_manager(request: Request) -> ModelManager:
+    return app_state(request.app).models
 
 
 async def get_model(request: Request, name: Annotated[str, MODEL_NAME]) -> ServedModel:
-    """The loaded model called ``name``: looked up in the loaded set, never on disk."""
-    served: dict[str, ServedModel] = request.app.state.models
-    model = served.get(name)
-    if model is not None:
-        return model
-    failed: dict[str, str] = getattr(request.app.state, "failed", {})
-    if name in failed:
-        raise NotReady(f"model {name!r} failed to load and is not served: {failed[name]}")
-    if name in request.app.state.expected_models:
-        raise NotReady(f"model {name!r} is still loading")
-    known = ", ".join(sorted(served)) or "none loaded yet"
-    raise ModelNotFound(f"no model named {name[:128]!r}; models: {known}")
+    """The loaded model called ``name`` (:meth:`ModelManager.get`: 503 while it loads
+    or after it failed to, 404 when there is none)."""
+    return app_state(request.app).models.get(name)
+
+
+async def require_ready(request: Request) -> None:
+    """Readiness routes (``/readyz``, ``/v2/health/ready``): 503 saying why, until
+    every model is loaded and while any failed to."""
+    reason = app_state(request.app).models.not_ready_reason()
+    if reason is not None:
+        raise NotReady(reason)
 
 
 _bearer = HTTPBearer(
@@ -60,7 +95,7 @@ async def require_admin(
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> None:
     """Admin routes: a bearer token compared in constant time; off without a token."""
-    settings: Settings = request.app.state.settings
+    settings = app_state(request.app).settings
     if settings.admin_token is None:
         raise AdminDisabled("admin routes are off: the server has no BRANCHY_ADMIN_TOKEN")
     given = credentials.credentials.encode() if credentials is not None else b""
@@ -80,4 +115,7 @@ async def require_admin(
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 ModelDep = Annotated[ServedModel, Depends(get_model)]
+ManagerDep = Annotated[ModelManager, Depends(get_manager)]
+StateDep = Annotated[AppState, Depends(get_state)]
+ReadyDep = Depends(require_ready)
 AdminDep = Depends(require_admin)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -26,6 +26,9 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.responses import Response
+
+if TYPE_CHECKING:
+    from service.metrics import Metrics
 
 logger = logging.getLogger(__name__)
 
@@ -51,116 +54,100 @@ CLIENT_CLOSED_REQUEST = 499
 
 
 class ServiceError(Exception):
-    """An error with an HTTP status and a stable machine-readable code."""
+    """An error with an HTTP status and a stable machine-readable code.
+
+    A subclass names both in its class line, ``class QueueFull(ServiceError,
+    status=503, code="queue_full")`` (either may be inherited), and the headers every
+    answer of its kind carries in ``headers``.
+    """
 
     status = 500
     code = "internal"
+    headers_always: ClassVar[dict[str, str]] = {}
+
+    def __init_subclass__(cls, *, status: int | None = None, code: str | None = None) -> None:
+        super().__init_subclass__()
+        cls.status = status if status is not None else cls.status
+        cls.code = code if code is not None else cls.code
 
     def __init__(
         self, message: str, *, headers: dict[str, str] | None = None, error_id: str | None = None
     ) -> None:
         super().__init__(message)
         self.message = message
-        self.headers = headers or {}
+        self.headers = {**self.headers_always, **(headers or {})}
         self.error_id = error_id
 
 
-class BadRequest(ServiceError):
-    status, code = 400, "bad_request"
+# 4xx: the client can fix the request.
+class BadRequest(ServiceError, status=400, code="bad_request"): ...
 
 
-class BadImage(ServiceError):
-    status, code = 400, "bad_image"
+class BadImage(ServiceError, status=400, code="bad_image"): ...
 
 
-class NonFiniteOutput(BadRequest):
+class NonFiniteOutput(BadRequest, code="non_finite_output"):
     """The network's output for an input is not finite (NaN/inf logits): the input's
     values are too large for float32 arithmetic. A 4xx: JSON cannot carry the answer."""
 
-    code = "non_finite_output"
+
+class Unauthorized(ServiceError, status=401, code="unauthorized"):
+    headers_always: ClassVar[dict[str, str]] = {"WWW-Authenticate": "Bearer"}
 
 
-class Unauthorized(ServiceError):
-    status, code = 401, "unauthorized"
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message, headers={"WWW-Authenticate": "Bearer"})
+class AdminDisabled(ServiceError, status=403, code="admin_disabled"): ...
 
 
-class AdminDisabled(ServiceError):
-    status, code = 403, "admin_disabled"
+class NotFound(ServiceError, status=404, code="not_found"): ...
 
 
-class NotFound(ServiceError):
-    status, code = 404, "not_found"
+class ModelNotFound(ServiceError, status=404, code="model_not_found"): ...
 
 
-class ModelNotFound(ServiceError):
-    status, code = 404, "model_not_found"
-
-
-class Conflict(ServiceError):
+class Conflict(ServiceError, status=409, code="conflict"):
     """The request is well formed but the model's state does not allow it."""
 
-    status, code = 409, "conflict"
+
+class ReloadFailed(Conflict, code="reload_failed"): ...
 
 
-class ReloadFailed(Conflict):
-    code = "reload_failed"
+class NoCalibration(Conflict, code="no_calibration"): ...
 
 
-class NoCalibration(Conflict):
-    code = "no_calibration"
+class PayloadTooLarge(ServiceError, status=413, code="payload_too_large"): ...
 
 
-class PayloadTooLarge(ServiceError):
-    status, code = 413, "payload_too_large"
+class TooManyImages(ServiceError, status=413, code="too_many_images"): ...
 
 
-class TooManyImages(ServiceError):
-    status, code = 413, "too_many_images"
+class UnsupportedMediaType(ServiceError, status=415, code="unsupported_media_type"): ...
 
 
-class UnsupportedMediaType(ServiceError):
-    status, code = 415, "unsupported_media_type"
+class ValidationFailed(ServiceError, status=422, code="validation_error"): ...
 
 
-class ValidationFailed(ServiceError):
-    status, code = 422, "validation_error"
+# 5xx: the server cannot answer now (503: retry, after Retry-After seconds).
+class NotReady(ServiceError, status=503, code="not_ready"):
+    headers_always: ClassVar[dict[str, str]] = {"Retry-After": "1"}
 
 
-class QueueFull(ServiceError):
-    status, code = 503, "queue_full"
-
+class QueueFull(ServiceError, status=503, code="queue_full"):
     def __init__(self, message: str, *, retry_after_s: int = 1) -> None:
         super().__init__(message, headers={"Retry-After": str(retry_after_s)})
 
 
-class NotReady(ServiceError):
-    status, code = 503, "not_ready"
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message, headers={"Retry-After": "1"})
-
-
-class ModelChanged(NotReady):
+class ModelChanged(NotReady, code="model_changed"):
     """A reload changed the model's input shape or exits between decoding and queueing."""
 
-    code = "model_changed"
 
-
-class ShuttingDown(NotReady):
+class ShuttingDown(NotReady, code="shutting_down"):
     """The server stopped accepting work (SIGTERM); the client should retry elsewhere."""
 
-    code = "shutting_down"
+
+class DeadlineExceeded(ServiceError, status=504, code="deadline_exceeded"): ...
 
 
-class DeadlineExceeded(ServiceError):
-    status, code = 504, "deadline_exceeded"
-
-
-class InternalError(ServiceError):
-    status, code = 500, "internal"
+class InternalError(ServiceError, status=500, code="internal"): ...
 
 
 def new_error_id() -> str:
@@ -231,8 +218,16 @@ _HTTP_CODES = {
 }
 
 
-def install_error_handlers(app: FastAPI) -> None:
-    """Route every error, ours and the framework's, to the one JSON shape."""
+def install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
+    """Route every error, ours and the framework's, to the one JSON shape, counting
+    rejections in ``metrics``."""
+
+    def _count_rejection(request: Request, code: str) -> None:
+        reason = REJECT_REASONS.get(code)
+        if reason is None:
+            return
+        name = request.path_params.get("name") if request.path_params else None
+        metrics.reject(metrics.model_label(name), reason)
 
     @app.exception_handler(ServiceError)
     async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
@@ -319,12 +314,3 @@ def install_error_handlers(app: FastAPI) -> None:
             error_id=error_id,
             v2=is_v2_path(request.url.path),
         )
-
-
-def _count_rejection(request: Request, code: str) -> None:
-    reason = REJECT_REASONS.get(code)
-    metrics = getattr(request.app.state, "metrics", None)
-    if reason is None or metrics is None:
-        return
-    name = request.path_params.get("name") if request.path_params else None
-    metrics.reject(metrics.model_label(request.app, name), reason)

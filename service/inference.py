@@ -9,11 +9,12 @@ import math
 import threading
 import time
 from collections.abc import Sequence
-from typing import Literal
 
 from PIL import Image
 from torch import Tensor
 
+# encode_thresholds: re-exported for routes/classify.py (its home is models.exits).
+from models.exits import check_thresholds, encode_thresholds  # noqa: F401
 from service.batcher import Classified
 from service.errors import (
     DeadlineExceeded,
@@ -25,7 +26,6 @@ from service.errors import (
 from service.preprocess import load_pixels, open_image, to_input
 from service.repository import ServedModel
 from service.settings import Settings
-from service.state import check_thresholds
 
 # Extra time a request waits beyond its deadline for a batch already computing: images
 # are dropped before compute once the deadline passes, never in the middle of it.
@@ -259,9 +259,3 @@ async def classify(
 
 def _finite(answer: Classified) -> bool:
     return answer.finite  # computed once per batch exit by the batcher
-
-
-def encode_thresholds(thresholds: Sequence[float]) -> list[float | Literal["inf"]]:
-    """JSON has no infinity: +inf is written "inf" (what the thresholds query and the
-    admin PUT read back)."""
-    return [t if math.isfinite(t) else "inf" for t in thresholds]

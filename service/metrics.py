@@ -6,7 +6,6 @@ Names and labels are fixed by docs/service-contract.md.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -36,6 +35,7 @@ class Metrics:
         self.registry = registry or CollectorRegistry(auto_describe=True)
         r = self.registry
         self._info_labels: dict[str, tuple[str, ...]] = {}
+        self._models: set[str] = set()  # loaded models: the only model label values
         self.requests = Counter(
             "branchy_requests_total",
             "Requests answered, by status code.",
@@ -148,15 +148,15 @@ class Metrics:
 
     def init_model(self, model: str, num_exits: int) -> None:
         """Create a model's series at zero so that rates and sums exist from the start."""
+        self._models.add(model)
         self.queue_depth.labels(model).set(0)
         for i in range(num_exits):
             self.exits.labels(model, str(i))
         for reason in ("queue_full", "deadline_exceeded", "bad_input", "too_large"):
             self.rejected.labels(model, reason)
 
-    @staticmethod
-    def model_label(app: Any, name: str | None) -> str:
-        """``name`` when it is a loaded model, else a fixed placeholder: label values
-        never come from unchecked client input (unbounded series would exhaust memory)."""
-        served = getattr(app.state, "models", None) or {}
-        return name if name is not None and name in served else UNKNOWN_MODEL
+    def model_label(self, name: str | None) -> str:
+        """``name`` when it is a loaded model (one :meth:`init_model` was called for),
+        else a fixed placeholder: label values never come from unchecked client input
+        (unbounded series would exhaust memory)."""
+        return name if name is not None and name in self._models else UNKNOWN_MODEL

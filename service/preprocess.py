@@ -10,7 +10,6 @@ the pixel data (:func:`load_pixels`).
 
 from __future__ import annotations
 
-import functools
 import io
 import logging
 import re
@@ -157,22 +156,12 @@ def to_pixels(img: Image.Image, spec: InputSpec) -> Tensor:
 
 
 def normalise(pixels: Tensor, spec: InputSpec) -> Tensor:
-    """``(x / 255 - mean) / std`` per channel, in float32, exactly as torchvision's
-    ``ToTensor`` + ``Normalize`` compute it (so served and offline answers agree).
+    """:meth:`models.InputSpec.normalise`: ``(x / 255 - mean) / std`` per channel.
 
     Args:
         pixels: ``(C, H, W)`` or ``(B, C, H, W)`` uint8.
     """
-    mean, std = _stats(spec)
-    # In place on the fresh float copy: the same arithmetic, without temporaries.
-    return pixels.float().div_(255).sub_(mean).div_(std)
-
-
-@functools.lru_cache(maxsize=64)
-def _stats(spec: InputSpec) -> tuple[Tensor, Tensor]:
-    mean = torch.tensor(spec.mean, dtype=torch.float32).view(-1, 1, 1)
-    std = torch.tensor(spec.std, dtype=torch.float32).view(-1, 1, 1)
-    return mean, std
+    return spec.normalise(pixels)
 
 
 def preprocess(

@@ -1,5 +1,6 @@
 """The model repository: finding checkpoints, loading them onto the device, and the
-served model that couples a network, its thresholds and its batcher."""
+served model that couples a network, its thresholds and its batcher (whose lifecycle
+:mod:`service.manager` owns)."""
 
 from __future__ import annotations
 
@@ -13,30 +14,13 @@ from typing import Any
 import torch
 
 from models import Checkpoint, load_checkpoint
-from models.checkpoint import MANIFEST, encode_threshold
+from models.checkpoint import MANIFEST
+from models.exits import encode_thresholds
 from service.batcher import Batcher, Engine
+from service.metrics import Metrics
 from service.settings import Settings
 
 logger = logging.getLogger(__name__)
-
-
-def resolve_device(setting: str) -> torch.device:
-    """``auto`` -> the first CUDA device when there is one, else the CPU.
-
-    Raises:
-        ValueError: CUDA requested but not available, or no such device index.
-    """
-    if setting == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(setting)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {setting!r} requested but CUDA is not available")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(
-                f"device {setting!r} requested but there are {torch.cuda.device_count()} GPU(s)"
-            )
-    return device
 
 
 def discover(settings: Settings) -> dict[str, Path]:
@@ -77,14 +61,7 @@ def load_engine(path: Path, device: torch.device, settings: Settings) -> Engine:
     start = time.perf_counter()
     checkpoint = load_checkpoint(path, device="cpu")
     checkpoint.model.exit_macs()  # counted (and cached) on the CPU in float32
-    engine = Engine(
-        checkpoint,
-        device,
-        runtime=settings.runtime,
-        precision=settings.precision,
-        half_precision=settings.half_precision,
-        compile=settings.compile,
-    )
+    engine = Engine(checkpoint, device, **settings.engine_options())
     engine.warm_up(sorted({1, settings.max_batch_size})[: settings.warmup_batches])
     logger.info(
         "loaded %s (%s, %d exits) on %s, runtime %s %s, in %.2f s",
@@ -129,14 +106,18 @@ class _Current:
 
 class ServedModel:
     """A model being served: its engine and thresholds (swapped together atomically),
-    where its thresholds came from, and its batcher.
+    where its thresholds came from, and its batcher, made with it (not yet started).
+
+    Its state changes only through :class:`service.manager.ModelManager`.
 
     Args:
         name: model name (its checkpoint folder's name).
         path: checkpoint folder.
         engine: the loaded network.
         thresholds: thresholds in force.
-        source: where they came from: ``checkpoint``, ``state`` or ``admin``.
+        source: where they came from: ``checkpoint``, ``state``, ``admin`` or ``autotune``.
+        metrics: where the batcher records queue, batch and exit metrics.
+        settings: the batching settings (batch size and delay, queue, early release).
     """
 
     def __init__(
@@ -147,6 +128,8 @@ class ServedModel:
         thresholds: tuple[float, ...],
         *,
         source: str,
+        metrics: Metrics,
+        settings: Settings,
     ) -> None:
         self.name = name
         self.path = path
@@ -155,7 +138,7 @@ class ServedModel:
         self.thresholds_updated_at = time.time()
         self.state_mtime_ns: int | None = None
         self.loaded_at = time.time()
-        self.batcher: Batcher | None = None
+        self.batcher = Batcher(name, self, metrics, **settings.batcher_options())
 
     def snapshot(self) -> tuple[Engine, tuple[float, ...]]:
         current = self._current  # one reference read: engine and thresholds agree
@@ -205,7 +188,7 @@ class ServedModel:
             "name": self.name,
             "architecture": ckpt.model.name,
             "num_exits": engine.num_exits,
-            "thresholds": [encode_threshold(t) for t in thresholds],
+            "thresholds": encode_thresholds(thresholds),
             "threshold_source": self.threshold_source,
             "classes": list(ckpt.class_names),
             "input": ckpt.input_spec.to_json(),

@@ -12,22 +12,33 @@ from typing import Annotated, Any
 from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-# The committed model zoo, next to the ``service`` package in a source checkout; in the
-# container the Dockerfile points BRANCHY_MODEL_REPOSITORY at /app/zoo.
-DEFAULT_REPOSITORY = Path(__file__).resolve().parent.parent / "zoo"
+# ``zoo/`` of the working directory: the committed model zoo when the server runs from a
+# checkout (scripts/serve.sh starts it at the root), and a meaningful place wherever the
+# package is installed, unlike a path next to the installed code (site-packages holds no
+# models). The container sets BRANCHY_MODEL_REPOSITORY=/app/zoo.
+DEFAULT_REPOSITORY = Path("zoo")
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 _CHOICES = {
     "runtime": ("auto", "torch", "onnxruntime", "openvino"),
     "precision": ("auto", "fp32", "bf16"),
 }
 _LOG_LEVELS = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG")
+# Keyword option of the component -> the setting that gives it.
+_ENGINE_OPTIONS = {o: o for o in ("runtime", "precision", "half_precision", "compile")}
+_BATCHER_OPTIONS = {
+    "max_batch_size": "max_batch_size",
+    "max_delay_s": "max_batch_delay_s",
+    "max_queue": "max_queue",
+    "early_release": "early_release",
+}
 
 
 class Settings(BaseSettings):
     """Everything an operator can set. Environment variable = ``BRANCHY_`` + upper-case name.
 
     Attributes:
-        model_repository: folder with one checkpoint folder per model (folder name = model name).
+        model_repository: folder with one checkpoint folder per model (folder name = model
+            name); default ``zoo`` under the working directory.
         models: load only these models (comma list in the environment); empty = all.
         device: ``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``.
         host: address uvicorn binds.
@@ -183,9 +194,19 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check_repository(self) -> Settings:
-        if not self.model_repository.is_dir():
-            raise ValueError(f"model_repository {str(self.model_repository)!r} is not a directory")
+        root = self.model_repository
+        if not root.is_dir():
+            where = "" if root.is_absolute() else " (relative paths start at the working directory)"
+            raise ValueError(f"model_repository {str(root)!r} is not a directory{where}")
         return self
+
+    def engine_options(self) -> dict[str, Any]:
+        """The keyword options of ``service.batcher.Engine`` these settings choose."""
+        return {option: getattr(self, name) for option, name in _ENGINE_OPTIONS.items()}
+
+    def batcher_options(self) -> dict[str, Any]:
+        """The keyword options of ``service.batcher.Batcher`` these settings choose."""
+        return {option: getattr(self, name) for option, name in _BATCHER_OPTIONS.items()}
 
     @property
     def max_batch_delay_s(self) -> float:

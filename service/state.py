@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+
+from models.exits import check_thresholds, encode_thresholds
 
 logger = logging.getLogger(__name__)
 
@@ -39,39 +39,6 @@ def state_file(state_dir: Path, model: str) -> Path:
     return state_dir / f"{model}{SUFFIX}"
 
 
-def check_thresholds(values: Any, num_exits: int, *, allow_inf: bool = True) -> tuple[float, ...]:
-    """Validate thresholds for a model with ``num_exits`` exits.
-
-    Raises:
-        ValueError: wrong count, not numbers, NaN, negative (or infinite when not allowed).
-    """
-    if not isinstance(values, list | tuple):
-        raise ValueError(f"thresholds must be a list of numbers; got {type(values).__name__}")
-    # Each value first, then the count: "abc" is not a number, whatever the count.
-    out = []
-    for i, v in enumerate(values):
-        if isinstance(v, bool) or not isinstance(v, int | float | str):
-            raise ValueError(f"threshold {i} must be a number; got {v!r}")
-        try:
-            f = float(v)
-        except (ValueError, OverflowError):
-            shown = v[:40] if isinstance(v, str) else v
-            raise ValueError(f"threshold {i} must be a number (or inf); got {shown!r}") from None
-        if math.isnan(f):
-            raise ValueError(f"threshold {i} is NaN")
-        if f < 0:
-            raise ValueError(f"threshold {i} must be >= 0; got {f}")
-        if math.isinf(f) and not allow_inf:
-            raise ValueError(f"threshold {i} must be finite; got {f}")
-        out.append(f)
-    if len(values) != num_exits - 1:
-        raise ValueError(
-            f"expected {num_exits - 1} threshold(s), one per early exit of this "
-            f"{num_exits}-exit model; got {len(values)}"
-        )
-    return tuple(out)
-
-
 def save_thresholds(
     state_dir: Path,
     model: str,
@@ -89,7 +56,7 @@ def save_thresholds(
     target = state_file(state_dir, model)
     body = {
         "model": model,
-        "thresholds": [t if math.isfinite(t) else "inf" for t in thresholds],
+        "thresholds": encode_thresholds(thresholds),
         "updated_at": time.time(),
     }
     if source is not None:

@@ -27,6 +27,8 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from models.checkpoint import normalise_pixels
+
 log = logging.getLogger(__name__)
 
 DATA_DIR_ENV = "BRANCHY_DATA_DIR"
@@ -458,7 +460,7 @@ def normalize(x: Tensor, mean: Tensor, std: Tensor) -> Tensor:
 
     ``mean`` and ``std`` are ``(C,)`` tensors on ``x``'s device.
     """
-    return (x.float().div(255) - mean[:, None, None]) / std[:, None, None]
+    return normalise_pixels(x, mean[:, None, None], std[:, None, None])
 
 
 def random_crop_flip(x: Tensor, *, pad: int, flip: bool, generator: torch.Generator) -> Tensor:

@@ -26,9 +26,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-
 import models
+from models.devices import resolve_device
 from training import data as data_mod
 from training.measure import ablation_rows, choose, fine_grid, load_inputs, measure_all
 from training.plots import write_plots
@@ -90,9 +89,7 @@ def main(args: argparse.Namespace | None = None) -> dict[str, Any]:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    device = torch.device(
-        ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    )
+    device = resolve_device(args.device)
     args.device = str(device)
     ckpt = models.load_checkpoint(args.checkpoint, device=device)
     x, labels = load_inputs(ckpt, args, device)

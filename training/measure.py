@@ -15,6 +15,7 @@ from torch import Tensor
 
 import models
 from models import BranchyNet, CalibrationData, Checkpoint
+from models.calibration import collect_calibration
 from training import data as data_mod
 from training import timing
 
@@ -193,15 +194,7 @@ def _chunked(model: BranchyNet, x: Tensor, thresholds: list[float]) -> models.Ex
 
 def calibration_on(model: BranchyNet, x: Tensor, labels: Tensor) -> CalibrationData:
     """Every exit's entropy, correctness and predicted class on normalised inputs ``x``."""
-    entropies, corrects, predictions = [], [], []
-    with torch.no_grad():
-        for xs, ys in zip(x.split(1024), labels.split(1024), strict=True):
-            outs = [z.float() for z in model(xs)]
-            entropies.append(torch.stack([models.entropy_from_logits(z) for z in outs], 1).cpu())
-            pred = torch.stack([z.argmax(1) for z in outs], 1).cpu()
-            predictions.append(pred)
-            corrects.append(pred == ys[:, None])
-    return CalibrationData(torch.cat(entropies), torch.cat(corrects), torch.cat(predictions))
+    return collect_calibration(model, zip(x.split(1024), labels.split(1024), strict=True))
 
 
 def fine_grid(num_classes: int) -> list[float]:

@@ -35,7 +35,7 @@ def build_report(
             "name": r.name,
             "checkpoint": r.checkpoint,
             "exit_accuracy": r.exit_accuracy,
-            "thresholds": [models.checkpoint.encode_threshold(t) for t in r.thresholds],
+            "thresholds": models.exits.encode_thresholds(r.thresholds),
             "accuracy": r.accuracy,
             "exit_shares": r.exit_shares,
             "latency_ms": {

@@ -25,7 +25,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,7 +36,8 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 import models
-from models import BranchyNet, CalibrationData, InputSpec
+from models import BranchyNet, CalibrationData, InputSpec, devices
+from models.calibration import collect_calibration
 from training import data as data_mod
 from training.config import TrainConfig, parse_config
 from training.data import Dataset, Split
@@ -75,15 +76,10 @@ def setup_distributed() -> DistInfo:
 
 
 def resolve_device(name: str, info: DistInfo) -> torch.device:
-    """``auto`` picks CUDA when present; under torchrun each rank takes its local GPU."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
+    """:func:`models.devices.resolve_device`; under torchrun each rank takes its local
+    GPU, made the current one."""
+    device = devices.resolve_device(name, local_rank=info.local_rank)
     if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError("--device cuda requested but CUDA is not available")
-        if device.index is None:
-            device = torch.device("cuda", info.local_rank)
         torch.cuda.set_device(device)
     return device
 
@@ -216,23 +212,15 @@ def evaluate(
 ) -> CalibrationData:
     """Every exit's entropy, correctness and predicted class on ``split`` (on the CPU),
     in eval mode."""
-    was_training = model.training
-    model.eval()
-    entropies, corrects, predictions = [], [], []
-    try:
+
+    def batches() -> Iterator[tuple[Tensor, Tensor]]:
         for images, labels in data_mod.iterate_batches(split, batch_size, shuffle=False):
             x = data_mod.normalize(images.to(device), mean, std)
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            outs = [z.float() for z in model(x)]
-            labels = labels.to(device)
-            entropies.append(torch.stack([models.entropy_from_logits(z) for z in outs], 1).cpu())
-            pred = torch.stack([z.argmax(1) for z in outs], 1)
-            predictions.append(pred.cpu())
-            corrects.append((pred == labels[:, None]).cpu())
-    finally:
-        model.train(was_training)
-    return CalibrationData(torch.cat(entropies), torch.cat(corrects), torch.cat(predictions))
+            yield x, labels
+
+    return collect_calibration(model, batches())
 
 
 def _autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager[Any]:

@@ -18,21 +18,13 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, ValidationError
 
 from models import choose_thresholds, evaluate_thresholds
+from models.exits import check_thresholds, encode_thresholds
 from service import autotune
-from service.deps import MODEL_NAME, AdminDep, ModelDep, SettingsDep
-from service.errors import (
-    BadRequest,
-    Conflict,
-    ModelNotFound,
-    NoCalibration,
-    ReloadFailed,
-    ValidationFailed,
-)
+from service.deps import MODEL_NAME, AdminDep, ManagerDep, ModelDep
+from service.errors import BadRequest, NoCalibration, ValidationFailed
 from service.fidelity import certify_for, wants_certificate
-from service.inference import encode_thresholds
 from service.jsonbody import JsonLimits, parse_json
-from service.loading import start_model
-from service.repository import ServedModel, discover, load_engine, public_load_error
+from service.repository import ServedModel
 from service.schemas import (
     AdminModelDetail,
     Expected,
@@ -40,8 +32,6 @@ from service.schemas import (
     ThresholdState,
     ThresholdUpdate,
 )
-from service.settings import Settings
-from service.state import check_thresholds, delete_thresholds, load_thresholds, save_thresholds
 
 logger = logging.getLogger(__name__)
 
@@ -120,12 +110,10 @@ async def describe_model(model: ModelDep) -> AdminModelDetail:
     },
     openapi_extra=_body_doc(ThresholdUpdate),
 )
-async def put_thresholds(
-    request: Request, model: ModelDep, settings: SettingsDep
-) -> ThresholdState:
+async def put_thresholds(request: Request, model: ModelDep, manager: ManagerDep) -> ThresholdState:
     body = await read_body(request, ThresholdUpdate)
     certificate = None
-    async with request.app.state.admin_locks[model.name]:
+    async with manager.lock(model.name):
         if body.thresholds is not None:
             try:
                 new = check_thresholds(body.thresholds, model.num_exits)
@@ -138,14 +126,9 @@ async def put_thresholds(
         else:
             new, how = await asyncio.to_thread(_choose, model, body.tolerance, body.target)
         old = model.thresholds
-        # Persist first: if the disk write fails, nothing changes and the client learns it.
-        mtime = await asyncio.to_thread(
-            save_thresholds, settings.state_dir, model.name, new, source="admin", autotune=False
-        )
-        model.state_mtime_ns = mtime
-        model.set_thresholds(new, source="admin")
+        # Persisted first: if the disk write fails, nothing changes and the client learns it.
+        await manager.apply_thresholds(model, new, source="admin", autotune=False)
         await autotune.tuner(request.app).pin(request.app, model)  # explicit: pinned
-        request.app.state.metrics.set_thresholds(model.name, new)
         logger.info(
             "model %r: thresholds %s -> %s (admin, %s)", model.name, list(old), list(new), how
         )
@@ -159,23 +142,16 @@ async def put_thresholds(
     summary="Go back to the checkpoint's own thresholds (forgets the saved ones)",
     responses=_ERRORS,
 )
-async def reset_thresholds(
-    request: Request, model: ModelDep, settings: SettingsDep
-) -> ThresholdState:
-    async with request.app.state.admin_locks[model.name]:
-        await asyncio.to_thread(delete_thresholds, settings.state_dir, model.name)
-        old = model.thresholds
-        own = tuple(model.checkpoint.thresholds)
-        model.state_mtime_ns = None
-        model.set_thresholds(own, source="checkpoint")
-        request.app.state.metrics.set_thresholds(model.name, own)
-        logger.info(
-            "model %r: thresholds %s -> %s (admin: back to the checkpoint's)",
-            model.name,
-            list(old),
-            list(own),
-        )
-        return _state(model, await asyncio.to_thread(_expected, model, own))
+async def reset_thresholds(model: ModelDep, manager: ManagerDep) -> ThresholdState:
+    old = await manager.reset_thresholds(model)
+    own = tuple(model.checkpoint.thresholds)
+    logger.info(
+        "model %r: thresholds %s -> %s (admin: back to the checkpoint's)",
+        model.name,
+        list(old),
+        list(own),
+    )
+    return _state(model, await asyncio.to_thread(_expected, model, own))
 
 
 _LOAD_ERRORS: dict[int | str, dict[str, Any]] = {
@@ -190,45 +166,9 @@ _LOAD_ERRORS: dict[int | str, dict[str, Any]] = {
     summary="Load a checkpoint folder added or repaired after start",
     responses=_LOAD_ERRORS,
 )
-async def load_model(
-    request: Request, name: Annotated[str, MODEL_NAME], settings: SettingsDep
-) -> ReloadResponse:
-    app = request.app
-    if name in app.state.models:
-        raise Conflict(f"model {name!r} is already served; POST .../reload to re-read it")
+async def load_model(name: Annotated[str, MODEL_NAME], manager: ManagerDep) -> ReloadResponse:
     start = time.perf_counter()
-    path = (await asyncio.to_thread(_repository, settings)).get(name)
-    if path is None:
-        within = " among BRANCHY_MODELS" if settings.models else ""
-        raise ModelNotFound(
-            f"the model repository has no checkpoint folder named {name[:128]!r}{within}"
-        )
-    async with app.state.admin_locks.setdefault(name, asyncio.Lock()):
-        if name in app.state.models:
-            raise Conflict(f"model {name!r} is already served; POST .../reload to re-read it")
-        app.state.expected_models.add(name)
-        try:
-            model = await start_model(app, name, path, app.state.device)
-        except Exception:  # recorded by start_model: /readyz and /v1/models show it
-            raise ReloadFailed(
-                f"loading model {name!r} failed: {app.state.failed.get(name, 'see the log')}"
-            ) from None
-    logger.info("model %r loaded (admin)", name)
-    return ReloadResponse(
-        model=name,
-        architecture=model.checkpoint.model.name,
-        num_exits=model.num_exits,
-        thresholds=encode_thresholds(model.thresholds),
-        threshold_source=model.threshold_source,
-        seconds=time.perf_counter() - start,
-    )
-
-
-def _repository(settings: Settings) -> dict[str, Any]:
-    try:
-        return dict(discover(settings))
-    except ValueError:  # an empty repository, or a BRANCHY_MODELS folder gone
-        return {}
+    return _reloaded(await manager.load_new(name), start)
 
 
 @router.post(
@@ -236,64 +176,18 @@ def _repository(settings: Settings) -> dict[str, Any]:
     summary="Reload the model's checkpoint from disk; on failure the old model keeps serving",
     responses={**_ERRORS, 409: {"description": "Missing or damaged checkpoint; nothing changed."}},
 )
-async def reload_model(
-    request: Request, name: Annotated[str, MODEL_NAME], settings: SettingsDep
-) -> ReloadResponse:
-    model: ServedModel | None = request.app.state.models.get(name)
-    if model is None:
-        if name in request.app.state.failed:  # repaired since: load it for the first time
-            return await load_model(request, name, settings)
-        known = ", ".join(sorted(request.app.state.models)) or "none loaded yet"
-        raise ModelNotFound(f"no model named {name[:128]!r}; models: {known}")
+async def reload_model(name: Annotated[str, MODEL_NAME], manager: ManagerDep) -> ReloadResponse:
     start = time.perf_counter()
-    async with request.app.state.admin_locks[model.name]:
-        try:
-            engine = await asyncio.to_thread(
-                load_engine, model.path, request.app.state.device, settings
-            )
-        except Exception as exc:  # any failure leaves the old model in place
-            logger.error(
-                "model %r: reload from %s failed, old model keeps serving: %s",
-                model.name,
-                model.path,
-                exc,
-            )
-            why = public_load_error(exc, model.path, model.name)
-            raise ReloadFailed(
-                f"reload of model {model.name!r} failed; the previous version keeps serving: {why}"
-            ) from None
-        saved = await asyncio.to_thread(
-            load_thresholds, settings.state_dir, model.name, engine.num_exits
-        )
-        if saved is not None:
-            thresholds, source = saved.thresholds, "state"
-        else:
-            thresholds, source = tuple(engine.checkpoint.thresholds), "checkpoint"
-        model.replace(engine, thresholds, source=source)
-        metrics = request.app.state.metrics
-        metrics.init_model(model.name, engine.num_exits)
-        metrics.set_thresholds(model.name, thresholds)
-        metrics.set_model_info(
-            model.name,
-            device=str(engine.device),
-            architecture=engine.checkpoint.model.name,
-            exits=engine.num_exits,
-            runtime=engine.runtime,
-            precision=engine.precision,
-        )
-        logger.info(
-            "model %r reloaded from %s (thresholds %s from %s)",
-            model.name,
-            model.path,
-            list(thresholds),
-            source,
-        )
+    return _reloaded(await manager.reload(name), start)
+
+
+def _reloaded(model: ServedModel, start: float) -> ReloadResponse:
     return ReloadResponse(
         model=model.name,
-        architecture=engine.checkpoint.model.name,
-        num_exits=engine.num_exits,
-        thresholds=encode_thresholds(thresholds),
-        threshold_source=source,
+        architecture=model.checkpoint.model.name,
+        num_exits=model.num_exits,
+        thresholds=encode_thresholds(model.thresholds),
+        threshold_source=model.threshold_source,
         seconds=time.perf_counter() - start,
     )
 

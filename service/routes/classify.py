@@ -10,7 +10,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service import inference
-from service.deps import ModelDep, SettingsDep
+from service.deps import ManagerDep, ModelDep, SettingsDep
 from service.errors import (
     BadRequest,
     TooManyImages,
@@ -63,8 +63,8 @@ _BODY = {
 
 
 @router.get("/models", summary="The loaded models")
-async def list_models(request: Request) -> ModelList:
-    served = request.app.state.models
+async def list_models(manager: ManagerDep) -> ModelList:
+    served = manager.models
     return ModelList(
         models=[
             ModelSummary(
@@ -75,10 +75,7 @@ async def list_models(request: Request) -> ModelList:
             )
             for name, m in sorted(served.items())
         ],
-        failed=[
-            FailedModel(name=name, error=why)
-            for name, why in sorted(getattr(request.app.state, "failed", {}).items())
-        ],
+        failed=[FailedModel(name=name, error=why) for name, why in sorted(manager.failed.items())],
     )
 
 

@@ -27,14 +27,14 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import torch
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Query
 from fastapi.responses import FileResponse, HTMLResponse
 
 from models import evaluate_thresholds
 from models.calibration import CalibrationData, candidate_thresholds, evaluate_grid
-from service.deps import AdminDep, MetricsDep, ModelDep
+from models.exits import encode_thresholds
+from service.deps import AdminDep, AppState, ModelDep, StateDep
 from service.errors import NoCalibration, NotFound
-from service.inference import encode_thresholds
 from service.metrics import Metrics
 
 ASSETS = Path(__file__).resolve().parent.parent / "console"
@@ -215,10 +215,10 @@ class StatsHistory:
         return window_stats(base, current)
 
 
-def _history(request: Request) -> StatsHistory:
-    history = getattr(request.app.state, "console_history", None)
+def _history(state: AppState) -> StatsHistory:
+    history: StatsHistory | None = state.console_history
     if history is None:
-        history = request.app.state.console_history = StatsHistory()
+        history = state.console_history = StatsHistory()
     return history
 
 
@@ -227,12 +227,11 @@ def _history(request: Request) -> StatsHistory:
     summary="Live figures per model over a recent window (what the console at / shows)",
 )
 async def console_stats(
-    request: Request,
-    metrics: MetricsDep,
+    state: StateDep,
     window: Annotated[float, Query(gt=0, le=120, description="Seconds to average over.")] = 10.0,
 ) -> dict[str, Any]:
-    current = snapshot(metrics, sorted(request.app.state.models))
-    return _history(request).stats(current, window)
+    current = snapshot(state.metrics, sorted(state.models.models))
+    return _history(state).stats(current, window)
 
 
 # ---------------------------------------------------------------------- frontier

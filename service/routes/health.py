@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from service.deps import MetricsDep
-from service.errors import NotReady
-from service.loading import not_ready_reason
+from service.deps import ManagerDep, MetricsDep, ReadyDep
 
 router = APIRouter(tags=["health"])
 
@@ -25,12 +23,10 @@ async def healthz() -> dict[str, str]:
     "/readyz",
     summary="Readiness: 200 once every model is loaded and warmed up, else 503",
     responses={503: {"description": "Still loading, a model failed to load, or shutting down."}},
+    dependencies=[ReadyDep],
 )
-async def readyz(request: Request) -> dict[str, object]:
-    reason = not_ready_reason(request.app)
-    if reason is not None:
-        raise NotReady(reason)
-    return {"status": "ready", "models": sorted(request.app.state.models)}
+async def readyz(manager: ManagerDep) -> dict[str, object]:
+    return {"status": "ready", "models": sorted(manager.models)}
 
 
 @router.head("/metrics", include_in_schema=False)

@@ -33,10 +33,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from service import __version__, inference
 from service.batcher import Classified
-from service.deps import ModelDep, SettingsDep
-from service.errors import BadRequest, NotReady, TooManyImages, ValidationFailed
+from service.deps import ModelDep, ReadyDep, SettingsDep
+from service.errors import BadRequest, TooManyImages, ValidationFailed
 from service.jsonbody import JsonLimits, parse_json
-from service.loading import not_ready_reason
 from service.preprocess import normalise
 from service.repository import ServedModel
 from service.settings import Settings
@@ -89,11 +88,9 @@ async def live() -> dict[str, bool]:
     "/health/ready",
     summary="Server readiness (503 until models are loaded)",
     responses={503: {"description": "Not ready."}},
+    dependencies=[ReadyDep],
 )
-async def ready(request: Request) -> dict[str, bool]:
-    reason = not_ready_reason(request.app)
-    if reason is not None:
-        raise NotReady(reason)
+async def ready() -> dict[str, bool]:
     return {"ready": True}
 
 
