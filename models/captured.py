@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from models.engine import ExitResult, Release, TorchExecutor, _TorchState
+from models.engine import EarlyExits, ExitResult, Release, Thresholds, TorchExecutor, _TorchState
 from models.exits import threshold_matrix
 
 DEFAULT_BUCKETS: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -100,7 +100,7 @@ class _Segment:
         return self.out
 
 
-class CapturedExecutor:
+class CapturedExecutor(EarlyExits):
     """Runs a network's segments at bucketed batch sizes; CUDA graphs on a GPU.
 
     Implements :class:`models.engine.Executor` (so :func:`models.engine.early_exit` runs
@@ -240,13 +240,10 @@ class CapturedExecutor:
 
     # ----------------------------------------------------------------- early exit
 
-    def early_exit(
-        self,
-        x: Tensor,
-        thresholds: Sequence[float] | Tensor = (),
-        *,
-        release: Release | None = None,
-    ) -> ExitResult:
+    def _executor(self) -> CapturedExecutor:
+        return self  # early_exit (from EarlyExits) then calls decide
+
+    def decide(self, x: Tensor, thresholds: Thresholds, release: Release | None) -> ExitResult:
         """:func:`models.engine.early_exit`'s contract, deciding exits inside the
         segments: one ``k``-byte mask copied to the host per early exit.
 

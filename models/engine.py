@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeGuard
+from typing import Any, Protocol, TypeGuard, runtime_checkable
 
 import numpy as np
 import torch
@@ -114,6 +114,19 @@ def _tensor(a: Array) -> Tensor:
 # just left, as soon as their exit is decided (the service answers them at once).
 Release = Callable[[Tensor, int, Tensor, Tensor], None]
 
+# Per-exit thresholds: ``num_exits - 1`` floats, or a ``(B, num_exits - 1)`` tensor.
+Thresholds = Sequence[float] | Tensor
+
+
+@runtime_checkable
+class DecidesExits(Protocol):
+    """An executor that runs the whole exit rule itself (e.g. on the device, as
+    :class:`models.captured.CapturedExecutor`), under :func:`early_exit`'s contract."""
+
+    def decide(self, x: Tensor, thresholds: Thresholds, release: Release | None) -> ExitResult:
+        """:func:`early_exit` on this executor, its own way."""
+        ...
+
 
 def _plain_numbers(values: object) -> TypeGuard[Sequence[float]]:
     # a flat list/tuple of Python numbers: the batch-of-one path needs no tensor
@@ -157,7 +170,10 @@ class EarlyExits:
         Returns:
             The exit taken, its logits and entropy, per sample, in input order.
         """
-        return early_exit(self._executor(), x, thresholds, release=release)
+        executor = self._executor()
+        if isinstance(executor, DecidesExits):
+            return executor.decide(x, thresholds, release)
+        return early_exit(executor, x, thresholds, release=release)
 
 
 def early_exit(

@@ -38,8 +38,6 @@ from models.engine import (
     Array,
     EarlyExits,
     Executor,
-    ExitResult,
-    Release,
     TorchExecutor,
     early_exit,
 )
@@ -360,19 +358,6 @@ class EarlyExitEngine(EarlyExits):
         # early_exit (from EarlyExits): exactly BranchyNet.early_exit's contract, on
         # the runtime chosen for this network
         return self.executor
-
-    def early_exit(
-        self,
-        x: Tensor,
-        thresholds: Sequence[float] | Tensor = (),
-        *,
-        release: Release | None = None,
-    ) -> ExitResult:
-        own = getattr(self.executor, "early_exit", None)  # CapturedExecutor decides on the device
-        if own is not None:
-            result: ExitResult = own(x, thresholds, release=release)
-            return result
-        return super().early_exit(x, thresholds, release=release)
 
 
 def _serialized(models: Sequence[Any]) -> list[bytes]:
