@@ -24,93 +24,85 @@ ENTROPY_BUCKETS = (
 UNKNOWN_MODEL = "_unknown"
 
 
+_MODEL, _MODEL_EXIT = ("model",), ("model", "exit")
+_INFO_LABELS = ("model", "device", "architecture", "exits", "runtime", "precision")
+
+# attribute -> kind, metric name, labels, histogram buckets (names fixed by the contract)
+_SERIES: dict[
+    str, tuple[type[Counter | Gauge | Histogram], str, tuple[str, ...], tuple[float, ...]]
+] = {
+    "requests": (Counter, "branchy_requests_total", ("model", "endpoint", "code"), ()),
+    "request_duration": (
+        Histogram,
+        "branchy_request_duration_seconds",
+        ("model", "endpoint"),
+        LATENCY_BUCKETS,
+    ),
+    "queue_wait": (Histogram, "branchy_queue_wait_seconds", _MODEL, LATENCY_BUCKETS),
+    "inference_duration": (
+        Histogram,
+        "branchy_inference_duration_seconds",
+        _MODEL,
+        LATENCY_BUCKETS,
+    ),
+    "batch_size": (Histogram, "branchy_batch_size", _MODEL, BATCH_BUCKETS),
+    "exit_entropy": (Histogram, "branchy_exit_entropy", _MODEL_EXIT, ENTROPY_BUCKETS),
+    "exits": (Counter, "branchy_exit", _MODEL_EXIT, ()),
+    "rejected": (Counter, "branchy_rejected", ("model", "reason"), ()),
+    "queue_depth": (Gauge, "branchy_queue_depth", _MODEL, ()),
+    "threshold": (Gauge, "branchy_threshold", _MODEL_EXIT, ()),
+    "model_info": (Gauge, "branchy_model_info", _INFO_LABELS, ()),
+    "load_failed": (Gauge, "branchy_model_load_failed", _MODEL, ()),
+}
+
+_HELP = {
+    "requests": "Requests answered, by status code.",
+    "request_duration": "Time from request start to response start.",
+    "queue_wait": "Time an image waited in the queue for its batch.",
+    "inference_duration": "Compute time of one batch.",
+    "batch_size": "Images per batch run.",
+    "exit_entropy": "Entropy (nats) of the answer at the exit taken.",
+    "exits": "Images classified, by the exit they took.",
+    "rejected": "Requests refused, by reason.",
+    "queue_depth": "Images waiting for a batch.",
+    "threshold": "Entropy threshold in force at each early exit.",
+    "model_info": "Loaded model (value 1), with the runtime and precision that serve it.",
+    "load_failed": "1 while a model of the repository failed to load and is not served, else 0.",
+}
+
+
 class Metrics:
-    """Every metric the server exports.
+    """Every metric the server exports (one table, :data:`_SERIES`).
 
     Args:
         registry: where to register; a fresh ``CollectorRegistry`` by default.
     """
+
+    requests: Counter
+    request_duration: Histogram
+    queue_wait: Histogram
+    inference_duration: Histogram
+    batch_size: Histogram
+    exit_entropy: Histogram
+    exits: Counter
+    rejected: Counter
+    queue_depth: Gauge
+    threshold: Gauge
+    model_info: Gauge
+    load_failed: Gauge
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry(auto_describe=True)
         r = self.registry
         self._info_labels: dict[str, tuple[str, ...]] = {}
         self._models: set[str] = set()  # loaded models: the only model label values
-        self.requests = Counter(
-            "branchy_requests_total",
-            "Requests answered, by status code.",
-            ["model", "endpoint", "code"],
-            registry=r,
-        )
-        self.request_duration = Histogram(
-            "branchy_request_duration_seconds",
-            "Time from request start to response start.",
-            ["model", "endpoint"],
-            buckets=LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.queue_wait = Histogram(
-            "branchy_queue_wait_seconds",
-            "Time an image waited in the queue for its batch.",
-            ["model"],
-            buckets=LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.inference_duration = Histogram(
-            "branchy_inference_duration_seconds",
-            "Compute time of one batch.",
-            ["model"],
-            buckets=LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.batch_size = Histogram(
-            "branchy_batch_size",
-            "Images per batch run.",
-            ["model"],
-            buckets=BATCH_BUCKETS,
-            registry=r,
-        )
-        self.exit_entropy = Histogram(
-            "branchy_exit_entropy",
-            "Entropy (nats) of the answer at the exit taken.",
-            ["model", "exit"],
-            buckets=ENTROPY_BUCKETS,
-            registry=r,
-        )
-        self.exits = Counter(
-            "branchy_exit",
-            "Images classified, by the exit they took.",
-            ["model", "exit"],
-            registry=r,
-        )
-        self.rejected = Counter(
-            "branchy_rejected",
-            "Requests refused, by reason.",
-            ["model", "reason"],
-            registry=r,
-        )
-        self.queue_depth = Gauge(
-            "branchy_queue_depth", "Images waiting for a batch.", ["model"], registry=r
-        )
-        self.threshold = Gauge(
-            "branchy_threshold",
-            "Entropy threshold in force at each early exit.",
-            ["model", "exit"],
-            registry=r,
-        )
-        self.model_info = Gauge(
-            "branchy_model_info",
-            "Loaded model (value 1), with the runtime and precision that serve it.",
-            ["model", "device", "architecture", "exits", "runtime", "precision"],
-            registry=r,
-        )
-
-        self.load_failed = Gauge(
-            "branchy_model_load_failed",
-            "1 while a model of the repository failed to load and is not served, else 0.",
-            ["model"],
-            registry=r,
-        )
+        for attr, (kind, name, labels, buckets) in _SERIES.items():
+            metric: Counter | Gauge | Histogram
+            if kind is Histogram:
+                metric = Histogram(name, _HELP[attr], labels, buckets=buckets, registry=r)
+            else:
+                metric = kind(name, _HELP[attr], labels, registry=r)
+            setattr(self, attr, metric)
         self.shadow = ShadowMetrics(r)  # exit fidelity (service.shadow)
 
     def render(self) -> bytes:
