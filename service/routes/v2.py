@@ -24,6 +24,7 @@ import json
 import math
 import struct
 import time
+from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
 import numpy as np
@@ -121,39 +122,46 @@ def _metadata(model: ServedModel) -> dict[str, Any]:
     }
 
 
-@router.get(
-    "/models/{name}", summary="Model metadata", responses={404: {"description": "Unknown model."}}
-)
+_ModelGet = Callable[[ServedModel], Awaitable[dict[str, Any]]]
+
+
+def _model_get(suffix: str, summary: str) -> Callable[[_ModelGet], _ModelGet]:
+    """Register ``handler(model)`` as ``GET /models/{name}<suffix>`` and as its versioned
+    twin ``GET /models/{name}/versions/{version}<suffix>`` (400 for any version but '1',
+    after the model is looked up, so an unknown model is a 404 either way)."""
+
+    def register(handler: _ModelGet) -> _ModelGet:
+        async def versioned(model: ModelDep, version: _VERSION) -> dict[str, Any]:
+            _check_version(version)
+            return await handler(model)
+
+        router.add_api_route(
+            f"/models/{{name}}{suffix}",
+            handler,
+            methods=["GET"],
+            summary=summary,
+            responses={404: {"description": "Unknown model."}},
+        )
+        router.add_api_route(
+            f"/models/{{name}}/versions/{{version}}{suffix}",
+            versioned,
+            methods=["GET"],
+            summary=f"{summary} (versioned)",
+            responses=_VERSIONED_ERRORS,
+            name=f"{handler.__name__}_versioned",
+        )
+        return handler
+
+    return register
+
+
+@_model_get("", "Model metadata")
 async def model_metadata(model: ModelDep) -> dict[str, Any]:
     return _metadata(model)
 
 
-@router.get(
-    "/models/{name}/versions/{version}",
-    summary="Model metadata (versioned)",
-    responses=_VERSIONED_ERRORS,
-)
-async def model_metadata_versioned(model: ModelDep, version: _VERSION) -> dict[str, Any]:
-    _check_version(version)
-    return _metadata(model)
-
-
-@router.get(
-    "/models/{name}/ready",
-    summary="Model readiness",
-    responses={404: {"description": "Unknown model."}},
-)
+@_model_get("/ready", "Model readiness")
 async def model_ready(model: ModelDep) -> dict[str, Any]:
-    return {"name": model.name, "ready": model.batcher is not None}
-
-
-@router.get(
-    "/models/{name}/versions/{version}/ready",
-    summary="Model readiness (versioned)",
-    responses=_VERSIONED_ERRORS,
-)
-async def model_ready_versioned(model: ModelDep, version: _VERSION) -> dict[str, Any]:
-    _check_version(version)
     return {"name": model.name, "ready": model.batcher is not None}
 
 
