@@ -37,7 +37,15 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from models.engine import EarlyExits, ExitResult, Release, Thresholds, TorchExecutor, _TorchState
+from models.engine import (
+    EarlyExits,
+    ExitResult,
+    Forwarded,
+    Release,
+    Thresholds,
+    TorchExecutor,
+    _TorchState,
+)
 from models.exits import threshold_matrix
 
 DEFAULT_BUCKETS: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -142,13 +150,8 @@ class CapturedExecutor(EarlyExits):
         self._skip = [0, *self._shared[:-1]]
         self._segments: dict[tuple[int, int, tuple[int, ...], torch.dtype], _Segment] = {}
 
-    @property
-    def device(self) -> torch.device:
-        return self._torch.device
-
-    @property
-    def precision(self) -> str:
-        return self._torch.precision
+    device = Forwarded("_torch", torch.device, "Where the segments run.")
+    precision = Forwarded("_torch", str, "``fp32`` (or the torch executor's).")
 
     @property
     def captured(self) -> int:

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeGuard, runtime_checkable
+from typing import Any, Generic, Protocol, TypeGuard, TypeVar, overload, runtime_checkable
 
 import numpy as np
 import torch
@@ -104,6 +104,7 @@ class Executor(Protocol):
 
 
 Array = Tensor | np.ndarray
+_T = TypeVar("_T")
 
 
 def _tensor(a: Array) -> Tensor:
@@ -126,6 +127,31 @@ class DecidesExits(Protocol):
     def decide(self, x: Tensor, thresholds: Thresholds, release: Release | None) -> ExitResult:
         """:func:`early_exit` on this executor, its own way."""
         ...
+
+
+class Forwarded(Generic[_T]):
+    """A read-only attribute that is the same-named attribute of one of the owner's
+    attributes (``Forwarded("executor", int, doc)`` on ``num_exits`` reads
+    ``self.executor.num_exits``): for wrappers that expose what they wrap."""
+
+    def __init__(self, to: str, kind: type[_T], doc: str) -> None:
+        self.to, self.kind, self.__doc__ = to, kind, doc
+        self.name = ""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    @overload
+    def __get__(self, obj: None, owner: type | None = None) -> Forwarded[_T]: ...
+
+    @overload
+    def __get__(self, obj: object, owner: type | None = None) -> _T: ...
+
+    def __get__(self, obj: object | None, owner: type | None = None) -> _T | Forwarded[_T]:
+        if obj is None:
+            return self
+        value: _T = getattr(getattr(obj, self.to), self.name)
+        return value
 
 
 def _plain_numbers(values: object) -> TypeGuard[Sequence[float]]:

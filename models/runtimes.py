@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Generic, TypeVar, overload
+from typing import Any
 
 import numpy as np
 import torch
@@ -38,6 +38,7 @@ from models.engine import (
     Array,
     EarlyExits,
     Executor,
+    Forwarded,
     TorchExecutor,
     early_exit,
 )
@@ -303,30 +304,6 @@ def time_full_paths(
     return {n: min(m) for n, m in medians.items()}
 
 
-_T = TypeVar("_T")
-
-
-class _from_executor(Generic[_T]):
-    """A read-only attribute of an :class:`EarlyExitEngine` that is its executor's."""
-
-    def __init__(self, name: str, kind: type[_T], doc: str) -> None:
-        self.name, self.kind, self.__doc__ = name, kind, doc
-
-    @overload
-    def __get__(self, obj: None, owner: type | None = None) -> _from_executor[_T]: ...
-
-    @overload
-    def __get__(self, obj: EarlyExitEngine, owner: type | None = None) -> _T: ...
-
-    def __get__(
-        self, obj: EarlyExitEngine | None, owner: type | None = None
-    ) -> _T | _from_executor[_T]:
-        if obj is None:
-            return self
-        value: _T = getattr(obj.executor, self.name)
-        return value
-
-
 @dataclass
 class EarlyExitEngine(EarlyExits):
     """A checkpoint's network ready for early-exit inference on one executor.
@@ -344,10 +321,10 @@ class EarlyExitEngine(EarlyExits):
     reason: str
     timings: dict[str, dict[str, float]] = field(default_factory=dict)
 
-    runtime = _from_executor("runtime", str, "``torch``, ``onnxruntime`` or ``openvino``.")
-    precision = _from_executor("precision", str, "``fp32``, ``bf16`` or ``fp16``.")
-    device = _from_executor("device", torch.device, "Where the segments run.")
-    num_exits = _from_executor("num_exits", int, "Exits of the network.")
+    runtime = Forwarded("executor", str, "``torch``, ``onnxruntime`` or ``openvino``.")
+    precision = Forwarded("executor", str, "``fp32``, ``bf16`` or ``fp16``.")
+    device = Forwarded("executor", torch.device, "Where the segments run.")
+    num_exits = Forwarded("executor", int, "Exits of the network.")
 
     @property
     def model(self) -> BranchyNet:

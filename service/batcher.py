@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from models import BranchyNet, Checkpoint, EarlyExitEngine, ExitResult, load_engine
-from models.engine import Release, TorchExecutor
+from models.engine import Forwarded, Release, TorchExecutor
 from service.errors import (
     DeadlineExceeded,
     InternalError,
@@ -159,21 +159,13 @@ class Engine:
             )
         self.model: BranchyNet = checkpoint.model  # the eager network (reference)
 
-    @property
-    def num_exits(self) -> int:
-        return self.model.num_exits
-
-    @property
-    def runtime(self) -> str:
-        return self.runner.runtime
+    num_exits = Forwarded("runner", int, "Exits of the network.")
+    runtime = Forwarded("runner", str, "The runtime that serves (see ``load_engine``).")
+    reason = Forwarded("runner", str, "Why that runtime and precision serve.")
 
     @property
     def precision(self) -> str:
         return "fp16" if self.half else self.runner.precision
-
-    @property
-    def reason(self) -> str:
-        return self.runner.reason
 
     def _pinned(self, shape: torch.Size) -> Tensor:
         n = shape[0]
