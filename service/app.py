@@ -60,12 +60,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     manager.on_start.append(lambda served, saved: autotune.tuner(app).register(served, saved))
     manager.on_follow.append(lambda served, saved: autotune.tuner(app).follow(served, saved))
     app.state.service = AppState(settings=settings, metrics=metrics, models=manager)
-    # The same objects under the names service/autotune.py and service/shadow.py still
-    # read (they are to reach them through service.deps too); nothing else uses these.
-    app.state.settings = settings
-    app.state.metrics = metrics
-    app.state.models = manager.models
-    app.state.admin_locks = manager.locks
     install_error_handlers(app, metrics)
     app.include_router(health.router)
     app.include_router(classify.router)

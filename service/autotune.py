@@ -51,7 +51,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool
 from models import CalibrationData, NotCertifiable, certify_thresholds, evaluate_thresholds
 from models.calibration import binomial_cdf, binomial_upper_bound, risk_of
 from models.exits import encode_thresholds
-from service.deps import AdminDep, ModelDep, SettingsDep
+from service.deps import AdminDep, ModelDep, SettingsDep, app_state
 from service.repository import ServedModel
 from service.schemas import Threshold
 from service.settings import Settings
@@ -126,7 +126,7 @@ class AutoTuner:
     async def run(self, app: Any) -> None:
         while True:
             await asyncio.sleep(self.settings.autotune_interval_s)
-            for served in list(app.state.models.values()):
+            for served in list(app_state(app).models.models.values()):
                 if not self.enabled.get(served.name):
                     continue
                 try:
@@ -140,7 +140,7 @@ class AutoTuner:
         if proposal is None:
             return False
         new, evidence = proposal
-        async with app.state.admin_locks[served.name]:
+        async with app_state(app).models.lock(served.name):
             if not self.enabled.get(served.name):  # pinned meanwhile
                 return False
             old = served.thresholds
@@ -154,7 +154,7 @@ class AutoTuner:
             )
             served.state_mtime_ns = mtime
             served.set_thresholds(new, source="autotune")
-            app.state.metrics.set_thresholds(served.name, new)
+            app_state(app).metrics.set_thresholds(served.name, new)
         shadow = getattr(served.batcher, "shadow", None)
         if shadow is not None:
             shadow.clear_window()
@@ -277,9 +277,11 @@ class AutoTuner:
 
 
 def tuner(app: Any) -> AutoTuner:
-    t: AutoTuner | None = getattr(app.state, "autotuner", None)
-    if t is None:
-        t = app.state.autotuner = AutoTuner(app.state.settings)
+    """The app's auto-tuner (made on first use, kept on its :class:`AppState`)."""
+    state = app_state(app)
+    if state.autotuner is None:
+        state.autotuner = AutoTuner(state.settings)
+    t: AutoTuner = state.autotuner
     return t
 
 
@@ -296,7 +298,7 @@ async def put_autotune(
     request: Request, model: ModelDep, settings: SettingsDep, body: AutotuneUpdate
 ) -> AutotuneState:
     t = tuner(request.app)
-    async with request.app.state.admin_locks[model.name]:
+    async with app_state(request.app).models.lock(model.name):
         source = model.threshold_source if model.threshold_source in ("admin", "autotune") else None
         mtime = await asyncio.to_thread(
             save_thresholds,

@@ -41,12 +41,14 @@ class AppState:
         models: the owner of every model's lifecycle.
         console_history: the web console's recent snapshots
             (``service.routes.console.StatsHistory``), made on first use.
+        autotuner: the auto-tuner (``service.autotune.AutoTuner``), made on first use.
     """
 
     settings: Settings
     metrics: Metrics
     models: ModelManager
     console_history: Any = None
+    autotuner: Any = None
 
 
 def app_state(app: FastAPI) -> AppState:

@@ -40,6 +40,7 @@ from torch import Tensor
 from models import entropy_from_logits
 from models.calibration import binomial_upper_bound
 from service.batcher import Classified, Engine
+from service.deps import app_state
 from service.settings import Settings
 from service.shadow_metrics import ShadowMetrics
 
@@ -296,13 +297,14 @@ class ShadowMonitor:
 
 def attach(app: Any, served: Any) -> ShadowMonitor | None:
     """Give a served model a shadow (when the rate is above 0) and start it."""
-    settings = app.state.settings
+    state = app_state(app)
+    settings = state.settings
     if settings.shadow_rate <= 0 or served.batcher is None:
         return None
     batcher = served.batcher
     monitor = ShadowMonitor(
         served.name,
-        app.state.metrics.shadow,
+        state.metrics.shadow,
         ShadowConfig.from_settings(settings),
         busy=lambda: batcher.depth > 0,
     )
@@ -312,7 +314,7 @@ def attach(app: Any, served: Any) -> ShadowMonitor | None:
 
 
 def stop_all(app: Any) -> None:
-    for served in getattr(app.state, "models", {}).values():
+    for served in app_state(app).models.models.values():
         monitor = getattr(served.batcher, "shadow", None)
         if monitor is not None:
             monitor.stop()
