@@ -44,7 +44,7 @@ STEPS: list[tuple[str, tuple[str, ...]]] = [
     ("decode (Pillow, normalise)", ("decode_many", "_decode_inline", "service/preprocess.py")),
     ("multipart parsing", ("MultiPartParser", "formparsers", "multipart/")),
     ("response JSON (pydantic)", ("model_dump_json", "ClassifyResponse")),
-    ("route handler (classify/v2)", ("classify_images", "service/routes/", "service/inference.py")),
+    ("route handler (classify/v2)", ("classify_images", "service/routes/", "service/intake.py")),
     ("FastAPI dependencies", ("solve_dependencies", "service/deps.py")),
     (
         "thread hand-offs (to_thread, futures)",

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Query, Request, Response
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service import inference
+from service import intake
 from service.deps import ManagerDep, ModelDep, SettingsDep
 from service.errors import (
     BadRequest,
@@ -116,12 +116,12 @@ async def classify_images(
     ] = None,
 ) -> Response:
     started = time.monotonic()
-    own = inference.parse_thresholds(thresholds, model, settings)
+    own = intake.parse_thresholds(thresholds, model, settings)
     images = await _read_images(request, settings)
     t0 = time.perf_counter()
-    inputs = await inference.decode(images, model, settings, started=started)
+    inputs = await intake.decode(images, model, settings, started=started)
     decode_s = time.perf_counter() - t0
-    answers = await inference.classify(model, inputs, settings, started=started, thresholds=own)
+    answers = await intake.classify(model, inputs, settings, started=started, thresholds=own)
 
     names = answers[0].class_names  # the answering engine's, even after a reload
     k = None if top_k is None else min(top_k, len(names))
@@ -151,7 +151,7 @@ async def classify_images(
         )
     body = ClassifyResponse(
         model=model.name,
-        thresholds=inference.encode_thresholds(answers[0].thresholds),
+        thresholds=intake.encode_thresholds(answers[0].thresholds),
         results=results,
         timings=Timings(
             decode_ms=decode_s * 1e3,

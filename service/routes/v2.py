@@ -32,7 +32,7 @@ import torch
 from fastapi import APIRouter, Path, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from service import __version__, inference
+from service import __version__, intake
 from service.batcher import Classified
 from service.deps import ModelDep, ReadyDep, SettingsDep
 from service.errors import BadRequest, TooManyImages, ValidationFailed
@@ -237,12 +237,12 @@ async def _infer(request: Request, model: ModelDep, settings: Settings) -> Respo
     if text is not None and not isinstance(text, str):
         raise BadRequest("parameter 'thresholds' must be a comma-separated string")
     try:
-        own = inference.parse_thresholds(text, model, settings)
+        own = intake.parse_thresholds(text, model, settings)
     except ValidationFailed as exc:  # v2 answers every protocol error with 400
         raise BadRequest(exc.message) from None
     wanted = _requested_outputs(req, params)
     inputs = await _inputs(req.inputs[0], binary, model, settings, started)
-    answers = await inference.classify(model, inputs, settings, started=started, thresholds=own)
+    answers = await intake.classify(model, inputs, settings, started=started, thresholds=own)
     return _respond(req, model, answers, wanted)
 
 
@@ -302,7 +302,7 @@ async def _inputs(
         count = shape[0]
         _check_count(count, settings)
         images = _bytes_elements(tensor, raw, count)
-        return await inference.decode([(None, b) for b in images], model, settings, started=started)
+        return await intake.decode([(None, b) for b in images], model, settings, started=started)
     if dtype not in ("UINT8", "FP32"):
         raise BadRequest(
             f"input datatype must be UINT8, FP32 or BYTES; got {tensor.datatype[:16]!r}"
