@@ -324,6 +324,20 @@ def summarise(cell: Cell, elapsed: float, num_exits: int) -> dict[str, Any]:
     }
 
 
+def summarise_rounds(parts: list[tuple[Cell, float]], num_exits: int) -> dict[str, Any]:
+    """:func:`summarise` of one cell measured over several rounds: ``parts`` holds each
+    round's ``(cell, elapsed seconds)``; their requests, errors, exits and seconds add up."""
+    merged = Cell()
+    for cell, _ in parts:
+        merged.latencies += cell.latencies
+        merged.images += cell.images
+        for k, v in cell.errors.items():
+            merged.errors[k] = merged.errors.get(k, 0) + v
+        for e, v in cell.exits.items():
+            merged.exits[e] = merged.exits.get(e, 0) + v
+    return summarise(merged, sum(s for _, s in parts), num_exits)
+
+
 class SpawnedServer(ServerProcess):
     """``python -m service`` on a free loopback port, serving one checkpoint."""
 
@@ -503,15 +517,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             server.stop()
 
     for (label, n), parts in cells.items():
-        merged = Cell()
-        for cell, _ in parts:
-            merged.latencies += cell.latencies
-            merged.images += cell.images
-            for k, v in cell.errors.items():
-                merged.errors[k] = merged.errors.get(k, 0) + v
-            for k2, v2 in cell.exits.items():
-                merged.exits[k2] = merged.exits.get(k2, 0) + v2
-        row = summarise(merged, sum(e for _, e in parts), ckpt.model.num_exits)
+        row = summarise_rounds(parts, ckpt.model.num_exits)
         report["served"].setdefault(label, {})[str(n)] = row
     for label, rows in bound.items():
         images_done = sum(r["images"] for r in rows)

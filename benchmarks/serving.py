@@ -46,7 +46,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.load import Cell, closed_loop, multipart, summarise, test_images  # noqa: E402
+from benchmarks.load import (  # noqa: E402
+    Cell,
+    closed_loop,
+    multipart,
+    summarise_rounds,
+    test_images,
+)
 from benchmarks.runtimes import cpu_info  # noqa: E402
 from models import Checkpoint, load_checkpoint  # noqa: E402
 from service.batcher import Engine  # noqa: E402
@@ -215,18 +221,6 @@ def in_process(
     return done, time.perf_counter() - start
 
 
-def _merge(parts: list[tuple[Cell, float]], num_exits: int) -> dict[str, Any]:
-    merged = Cell()
-    for cell, _ in parts:
-        merged.latencies += cell.latencies
-        merged.images += cell.images
-        for k, v in cell.errors.items():
-            merged.errors[k] = merged.errors.get(k, 0) + v
-        for e, v in cell.exits.items():
-            merged.exits[e] = merged.exits.get(e, 0) + v
-    return summarise(merged, sum(s for _, s in parts), num_exits)
-
-
 def main(args: argparse.Namespace) -> dict[str, Any]:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(args.torch_threads)
@@ -364,7 +358,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         report["in_process"][role] = {"images_per_s": done / secs, "images": done, "seconds": secs}
     for (who, n, c), parts in served.items():
         system, _, role = who.rpartition(":")
-        row = _merge(parts, cks[role].model.num_exits)
+        row = summarise_rounds(parts, cks[role].model.num_exits)
         report["served"].append(
             {
                 "system": system,

@@ -209,36 +209,29 @@ def main() -> int:
             raise RuntimeError("no reference answers; nothing to compare with")
         r, im = ref, images
 
-        report.run(
-            "serve_fp32",
-            lambda res: check_served(
-                res, servers["fp32"], r, im, args, ready_timeout=90,
-                min_pct=99.5, criterion="both_agree_pct",
-                start_error=start_errors.get("fp32"),
-            ),
-        )  # fmt: skip
-        report.run(
-            "serve_half",
-            lambda res: check_served(
-                res, servers["half"], r, im, args, ready_timeout=60,
-                min_pct=98.0, criterion="class_agree_pct",
-                start_error=start_errors.get("half"),
-            ),
-        )  # fmt: skip
+        def serve_check(variant: str, ready_timeout: float, min_pct: float, criterion: str) -> None:
+            """Check ``serve_<variant>``: that server's answers against the reference."""
+            report.run(
+                f"serve_{variant}",
+                lambda res: check_served(
+                    res, servers[variant], r, im, args, ready_timeout=ready_timeout,
+                    min_pct=min_pct, criterion=criterion, start_error=start_errors.get(variant),
+                ),
+            )  # fmt: skip
+
+        serve_check("fp32", ready_timeout=90, min_pct=99.5, criterion="both_agree_pct")
+        serve_check("half", ready_timeout=60, min_pct=98.0, criterion="class_agree_pct")
         finish_server("serve_half", "half")
         report.run("oom_split", lambda res: check_oom(res, r, args))
         # The compile server gets what is left of the budget, less what the rest needs
         # (the served load, two in-process rates, latency, stopping two servers).
         reserve = args.seconds + 25
-        report.run(
-            "serve_compile",
-            lambda res: check_served(
-                res, servers["compile"], r, im, args,
-                ready_timeout=max(10.0, deadline - time.monotonic() - reserve),
-                min_pct=99.5, criterion="both_agree_pct",
-                start_error=start_errors.get("compile"),
-            ),
-        )  # fmt: skip
+        serve_check(
+            "compile",
+            ready_timeout=max(10.0, deadline - time.monotonic() - reserve),
+            min_pct=99.5,
+            criterion="both_agree_pct",
+        )
         finish_server("serve_compile", "compile", timeout=10.0)
 
         fp32 = servers["fp32"]

@@ -17,6 +17,7 @@ import models
 from models.captured import CapturedExecutor
 from models.engine import TorchExecutor, early_exit
 from testsupport.checkpoints import sharpen_heads
+from testsupport.exits import assert_same_exits, spread_thresholds
 
 NETS = ["b-lenet", "lenet", "b-alexnet", "alexnet", "b-resnet20"]
 ZOO = Path(__file__).resolve().parents[2] / "zoo"
@@ -27,38 +28,17 @@ def make(name: str) -> models.BranchyNet:
     return sharpen_heads(models.build_model(name)).eval()
 
 
-def spread(net: models.BranchyNet, x: torch.Tensor) -> list[float]:
-    """Per early exit, midway between the two middle entropies: about half leave there,
-    and no sample sits within float noise of its threshold."""
-    with torch.no_grad():
-        outs = net(x)
-    ts = []
-    for z in outs[:-1]:
-        e = models.entropy_from_logits(z).sort().values
-        ts.append(float(e[len(e) // 2 - 1] + e[len(e) // 2]) / 2)
-    return ts
-
-
-def assert_same(a: models.ExitResult, b: models.ExitResult) -> None:
-    assert torch.equal(a.exit_index, b.exit_index)
-    assert torch.equal(a.prediction, b.prediction)
-    torch.testing.assert_close(a.logits, b.logits, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(a.entropy, b.entropy, rtol=1e-4, atol=1e-4)
-    assert a.logits.dtype == torch.float32 and a.entropy.dtype == torch.float32
-    assert a.exit_index.dtype == torch.int64
-
-
 @pytest.mark.parametrize("name", NETS)
 def test_answers_equal_the_eager_engine_at_odd_sizes_and_batch_one(name: str) -> None:
     net = make(name)
     x = torch.randn(37, *net.input_shape)
-    thresholds = spread(net, x) if net.num_exits > 1 else []
+    thresholds = spread_thresholds(net, x) if net.num_exits > 1 else []
     cap = CapturedExecutor(net, buckets=(1, 4, 16))  # 37 is beyond the largest bucket
     eager = TorchExecutor(net)
     for n in (0, 1, 3, 5, 16, 17, 37):
         want = early_exit(eager, x[:n], thresholds)
-        assert_same(cap.early_exit(x[:n], thresholds), want)  # decisions in the segment
-        assert_same(early_exit(cap, x[:n], thresholds), want)  # as a plain Executor
+        assert_same_exits(cap.early_exit(x[:n], thresholds), want)  # decisions in the segment
+        assert_same_exits(early_exit(cap, x[:n], thresholds), want)  # as a plain Executor
     if net.num_exits > 1:  # the thresholds really split the batch
         assert len(set(cap.early_exit(x, thresholds).exit_index.tolist())) > 1
 
@@ -78,11 +58,11 @@ def test_everybody_or_nobody_leaving_and_per_sample_thresholds(name: str) -> Non
     # inf: all leave at exit 0 (nothing continues); 0: nobody leaves before the last
     for value in (math.inf, 0.0):
         got = cap.early_exit(x, [value] * e)
-        assert_same(got, early_exit(eager, x, [value] * e))
+        assert_same_exits(got, early_exit(eager, x, [value] * e))
         assert set(got.exit_index.tolist()) == {0 if value else e}
     per_sample = torch.rand(11, e) * math.log(net.num_classes)
     per_sample[::3] = math.inf
-    assert_same(cap.early_exit(x, per_sample), early_exit(eager, x, per_sample))
+    assert_same_exits(cap.early_exit(x, per_sample), early_exit(eager, x, per_sample))
     assert set(cap.early_exit(x, per_sample).exit_index[::3].tolist()) == {0}
 
 
@@ -91,7 +71,9 @@ def test_release_hands_back_every_sample_once_in_exit_order() -> None:
     x = torch.randn(30, *net.input_shape)
     released: list[tuple[list[int], int, torch.Tensor]] = []
     got = CapturedExecutor(net).early_exit(
-        x, spread(net, x), release=lambda rows, i, z, e: released.append((rows.tolist(), i, z))
+        x,
+        spread_thresholds(net, x),
+        release=lambda rows, i, z, e: released.append((rows.tolist(), i, z)),
     )
     assert [i for _, i, _ in released] == sorted(i for _, i, _ in released)
     assert sorted(r for rows, _, _ in released for r in rows) == list(range(30))
@@ -121,7 +103,9 @@ def test_load_engine_captured_on_the_cpu_serves_the_zoo_like_the_eager_engine() 
     assert engine.runtime == "captured" and "eagerly" in engine.reason and logs
     torch.manual_seed(1)
     x = torch.randn(50, *ckpt.model.input_shape)
-    assert_same(engine.early_exit(x, ckpt.thresholds), ckpt.model.early_exit(x, ckpt.thresholds))
+    assert_same_exits(
+        engine.early_exit(x, ckpt.thresholds), ckpt.model.early_exit(x, ckpt.thresholds)
+    )
 
 
 def test_zoo_agrees_with_the_eager_engine_on_real_test_images() -> None:
@@ -150,4 +134,4 @@ def test_buffers_made_under_inference_mode_serve_calls_outside_it() -> None:
     x = torch.randn(5, *net.input_shape)
     with torch.inference_mode():  # the service's batcher runs under inference_mode
         inside = cap.early_exit(x, [0.5])
-    assert_same(cap.early_exit(x, [0.5]), inside)
+    assert_same_exits(cap.early_exit(x, [0.5]), inside)

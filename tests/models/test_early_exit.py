@@ -12,6 +12,7 @@ import torch
 
 import models
 from testsupport.checkpoints import sharpen_heads
+from testsupport.exits import spread_thresholds
 
 # one network per family: the engine is shared, the deeper ResNets only add blocks
 BRANCHY = ["b-lenet", "b-alexnet", "b-resnet20"]
@@ -35,19 +36,6 @@ def reference(net: models.BranchyNet, x: torch.Tensor, thresholds: list[float]):
 
 def make(name: str) -> models.BranchyNet:
     return sharpen_heads(models.build_model(name)).eval()
-
-
-def spread_thresholds(net: models.BranchyNet, x: torch.Tensor) -> list[float]:
-    """Per early exit, midway between the two middle entropies: about half the samples
-    leave at each, and no sample sits within float noise of its threshold."""
-    with torch.no_grad():
-        outs = net(x)
-    ts = []
-    for z in outs[:-1]:
-        e = models.entropy_from_logits(z).sort().values
-        mid = len(e) // 2
-        ts.append(float(e[mid - 1] + e[mid]) / 2)
-    return ts
 
 
 @pytest.mark.parametrize("name", BRANCHY)

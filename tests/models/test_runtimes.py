@@ -15,6 +15,7 @@ import models
 from models.onnx_export import ExportError, export_segments
 from models.runtimes import openvino_has_bf16
 from testsupport.checkpoints import sharpen_heads
+from testsupport.exits import assert_same_exits, spread_thresholds
 
 RUNTIMES = ["onnxruntime", "openvino"]
 NETS = ["b-lenet", "lenet", "b-alexnet", "alexnet", "b-resnet20"]
@@ -34,27 +35,6 @@ def save(tmp_path: Path, net: models.BranchyNet, thresholds: list[float] | None 
     )
 
 
-def spread(net: models.BranchyNet, x: torch.Tensor) -> list[float]:
-    """Per early exit, midway between the two middle entropies: about half leave there,
-    and no sample sits within float noise of its threshold."""
-    with torch.no_grad():
-        outs = net(x)
-    ts = []
-    for z in outs[:-1]:
-        e = models.entropy_from_logits(z).sort().values
-        ts.append(float(e[len(e) // 2 - 1] + e[len(e) // 2]) / 2)
-    return ts
-
-
-def assert_same(a: models.ExitResult, b: models.ExitResult) -> None:
-    assert torch.equal(a.exit_index, b.exit_index)
-    assert torch.equal(a.prediction, b.prediction)
-    torch.testing.assert_close(a.logits, b.logits, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(a.entropy, b.entropy, rtol=1e-4, atol=1e-4)
-    assert a.logits.dtype == torch.float32 and a.entropy.dtype == torch.float32
-    assert a.exit_index.dtype == torch.int64
-
-
 @pytest.mark.parametrize("runtime", RUNTIMES)
 @pytest.mark.parametrize("name", NETS)
 def test_runtime_gives_the_eager_engines_exits_and_classes(
@@ -62,10 +42,10 @@ def test_runtime_gives_the_eager_engines_exits_and_classes(
 ) -> None:
     net = make(name)
     x = torch.randn(48, *net.input_shape)
-    thresholds = spread(net, x)
+    thresholds = spread_thresholds(net, x)
     engine = models.load_engine(save(tmp_path, net), runtime=runtime, precision="fp32")
     assert (engine.runtime, engine.precision) == (runtime, "fp32")
-    assert_same(engine.early_exit(x, thresholds), net.early_exit(x, thresholds))
+    assert_same_exits(engine.early_exit(x, thresholds), net.early_exit(x, thresholds))
     if net.num_exits > 1:  # the batch really split across the exits
         assert len(set(engine.early_exit(x, thresholds).exit_index.tolist())) > 1
 
@@ -79,14 +59,16 @@ def test_per_sample_thresholds_order_one_and_empty(tmp_path: Path, runtime: str)
     per_sample = torch.tensor([[math.inf, 0.0], [0.0, math.inf], [0.0, 0.0]] * 4)
     got = engine.early_exit(x, per_sample)
     assert got.exit_index.tolist() == [0, 1, 2] * 4
-    assert_same(got, net.early_exit(x, per_sample))
+    assert_same_exits(got, net.early_exit(x, per_sample))
     # input order survives compaction: each row's answer is that row's alone
     for k in range(12):
         one = engine.early_exit(x[k : k + 1], per_sample[k].tolist())
         assert int(one.exit_index) == int(got.exit_index[k])
         torch.testing.assert_close(one.logits[0], got.logits[k], rtol=1e-4, atol=1e-4)
     # a batch of one given as a tensor of thresholds, and an empty batch
-    assert_same(engine.early_exit(x[:1], per_sample[:1]), net.early_exit(x[:1], per_sample[:1]))
+    assert_same_exits(
+        engine.early_exit(x[:1], per_sample[:1]), net.early_exit(x[:1], per_sample[:1])
+    )
     empty = engine.early_exit(x[:0], [0.5, 0.5])
     assert empty.logits.shape == (0, 10) and empty.exit_index.shape == (0,)
     assert empty.entropy.shape == (0,)
@@ -103,7 +85,7 @@ def test_release_hands_back_every_sample_once_as_its_exit_is_decided(
     net = make("b-alexnet")
     engine = models.load_engine(save(tmp_path, net), runtime=runtime)
     x = torch.randn(30, *net.input_shape)
-    thresholds = spread(net, x)
+    thresholds = spread_thresholds(net, x)
     released: list[tuple[list[int], int, torch.Tensor]] = []
     got = engine.early_exit(
         x, thresholds, release=lambda rows, i, z, e: released.append((rows.tolist(), i, z.clone()))
@@ -156,7 +138,7 @@ def test_a_layer_without_an_onnx_form_falls_back_to_torch(
     assert engine.runtime == "torch"
     assert "onnxruntime fp32 unavailable" in engine.reason and "Swish" in engine.reason
     assert "falling back to torch" in caplog.text
-    assert_same(engine.early_exit(x, [0.3]), ckpt.model.early_exit(x, [0.3]))
+    assert_same_exits(engine.early_exit(x, [0.3]), ckpt.model.early_exit(x, [0.3]))
     auto = models.load_engine(ckpt)  # auto: every exporting runtime is skipped, and said
     assert auto.runtime == "torch" and "skipped" in auto.reason and "Swish" in auto.reason
 

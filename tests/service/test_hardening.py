@@ -127,20 +127,6 @@ V2_OVERFLOWS = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(V2_OVERFLOWS))
-def test_v2_json_past_the_parsers_limits_is_a_400(
-    client: httpx.Client, srv: ServerProcess, name: str
-) -> None:
-    mark = len(srv.log())
-    resp = client.post(
-        INFER, content=V2_OVERFLOWS[name], headers={"content-type": "application/json"}
-    )
-    err = assert_error(resp, 400, "bad_request")
-    assert isinstance(resp.json()["error"], str)
-    assert "Traceback" not in err["message"]
-    assert_healthy(client, srv, mark)
-
-
 ADMIN_OVERFLOWS = {
     "integer_of_400_digits": b'{"thresholds": [' + b"9" * 400 + b", 1.0]}",
     "tolerance_of_5000_digits": b'{"tolerance": ' + b"1" * 5000 + b"}",
@@ -148,16 +134,42 @@ ADMIN_OVERFLOWS = {
     "infinity_literal": b'{"tolerance": Infinity}',
 }
 
+JSON_TYPE = {"content-type": "application/json"}
+# (method, path, headers, body, status, code): the v2 bodies are a 400, the admin ones a 422.
+PARSER_LIMIT_CASES = [
+    *(
+        pytest.param("POST", INFER, JSON_TYPE, body, 400, "bad_request", id=f"v2-{name}")
+        for name, body in sorted(V2_OVERFLOWS.items())
+    ),
+    *(
+        pytest.param(
+            "PUT", ADMIN, {**AUTH, **JSON_TYPE}, body, 422, "validation_error", id=f"admin-{name}"
+        )
+        for name, body in sorted(ADMIN_OVERFLOWS.items())
+    ),
+]
 
-@pytest.mark.parametrize("name", sorted(ADMIN_OVERFLOWS))
-def test_admin_json_past_the_parsers_limits_is_a_422(
-    client: httpx.Client, srv: ServerProcess, name: str
+
+@pytest.mark.parametrize(
+    ("method", "path", "headers", "body", "status", "code"), PARSER_LIMIT_CASES
+)
+def test_json_past_the_parsers_limits_is_refused_and_changes_nothing(
+    client: httpx.Client,
+    srv: ServerProcess,
+    method: str,
+    path: str,
+    headers: dict[str, str],
+    body: bytes,
+    status: int,
+    code: str,
 ) -> None:
     mark = len(srv.log())
     before = client.get(ADMIN, headers=AUTH).json()["thresholds"]
-    json_type = {**AUTH, "content-type": "application/json"}
-    resp = client.put(ADMIN, content=ADMIN_OVERFLOWS[name], headers=json_type)
-    assert_error(resp, 422, "validation_error")
+    resp = client.request(method, path, content=body, headers=headers)
+    err = assert_error(resp, status, code)
+    if path == INFER:
+        assert isinstance(resp.json()["error"], str)  # the v2 protocol's error body
+    assert "Traceback" not in err["message"]
     assert client.get(ADMIN, headers=AUTH).json()["thresholds"] == before
     assert_healthy(client, srv, mark)
 

@@ -190,22 +190,32 @@ def test_stalled_uploads_do_not_hold_slots_past_the_request_timeout(
             sock.close()
 
 
-def hooked_lenet(
-    start_server: Callable[..., ServerProcess], fault: Path, env: dict[str, str]
-) -> ServerProcess:
-    """A ready b-lenet server whose batches obey the fault file ``fault``
-    (``testsupport/hooked_server.py``), with ``env`` on top."""
-    return start_server(
-        {"BRANCHY_MODELS": "b-lenet", "BRANCHY_TEST_FAULT_FILE": str(fault), **env}, hooked=True
-    )
+#: Starts a hooked b-lenet server with an environment on top; gives it and its fault file.
+HookedStart = Callable[[dict[str, str]], tuple[ServerProcess, Path]]
+
+
+@pytest.fixture
+def hooked_lenet(start_server: Callable[..., ServerProcess], tmp_path: Path) -> HookedStart:
+    """Starts a ready b-lenet server whose batches obey a fault file
+    (``testsupport/hooked_server.py``; no file: no fault), with the given environment on
+    top, and gives the server and the path of its fault file."""
+    fault = tmp_path / "fault"
+
+    def start(env: dict[str, str]) -> tuple[ServerProcess, Path]:
+        server = start_server(
+            {"BRANCHY_MODELS": "b-lenet", "BRANCHY_TEST_FAULT_FILE": str(fault), **env},
+            hooked=True,
+        )
+        return server, fault
+
+    return start
 
 
 def test_deadline_passing_in_the_queue_drops_the_request_before_compute(
-    start_server: Callable[..., ServerProcess], tmp_path: Path
+    hooked_lenet: HookedStart,
 ) -> None:
-    fault = tmp_path / "fault"
-    server = hooked_lenet(
-        start_server, fault, {"BRANCHY_MAX_BATCH_SIZE": "1", "BRANCHY_REQUEST_TIMEOUT_S": "0.3"}
+    server, fault = hooked_lenet(
+        {"BRANCHY_MAX_BATCH_SIZE": "1", "BRANCHY_REQUEST_TIMEOUT_S": "0.3"}
     )
     url = server.base_url
     before = metrics(url)
@@ -243,12 +253,9 @@ def _classify_ok(resp: httpx.Response, images: int = 1) -> bool:
     return len(results) == images and all(0 <= r["class_index"] < 10 for r in results)
 
 
-def test_sigterm_under_load_finishes_every_accepted_request(
-    start_server: Callable[..., ServerProcess], tmp_path: Path
-) -> None:
-    fault = tmp_path / "fault"
-    server = hooked_lenet(
-        start_server, fault, {"BRANCHY_MAX_BATCH_SIZE": "4", "BRANCHY_GRACEFUL_SHUTDOWN_S": "30"}
+def test_sigterm_under_load_finishes_every_accepted_request(hooked_lenet: HookedStart) -> None:
+    server, fault = hooked_lenet(
+        {"BRANCHY_MAX_BATCH_SIZE": "4", "BRANCHY_GRACEFUL_SHUTDOWN_S": "30"}
     )
     url = server.base_url
     fault.write_text("sleep 0.25")  # 12 queued images take ~0.75 s to drain
