@@ -743,15 +743,18 @@ def test_absurd_decoding_work_is_refused_before_decoding(client: httpx.Client) -
 
 def test_json_body_bounds_cost_less_than_the_parse_they_guard() -> None:
     """The bounds are checked in C-speed passes (regular expressions, numpy): on a large
-    JSON tensor they cost less than ``json.loads`` itself, whatever the machine's load."""
+    JSON tensor they cost less than ``json.loads`` itself."""
     from service.jsonbody import JsonLimits, parse_json
 
     body = json.dumps({"data": [1.5] * 2_000_000, "s": "x" * 2_000_000}).encode()
-    start = time.perf_counter()
-    json.loads(body)
-    plain = time.perf_counter() - start
-    start = time.perf_counter()
-    parsed = parse_json(body, JsonLimits(max_values=3_000_000))
-    bounded = time.perf_counter() - start
+    # Interleaved, best of three each: a shared machine's stalls hit single timings.
+    plain, bounded = math.inf, math.inf
+    for _ in range(3):
+        start = time.perf_counter()
+        json.loads(body)
+        plain = min(plain, time.perf_counter() - start)
+        start = time.perf_counter()
+        parsed = parse_json(body, JsonLimits(max_values=3_000_000))
+        bounded = min(bounded, time.perf_counter() - start)
     assert len(parsed["data"]) == 2_000_000 and math.isclose(parsed["data"][0], 1.5)
     assert bounded < 2.5 * plain, (bounded, plain)
