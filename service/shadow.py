@@ -31,7 +31,7 @@ import random
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -53,6 +53,15 @@ class _Job:
     x: Tensor
     exit_index: int
     class_index: int
+    queued_at: float = field(default_factory=time.monotonic)
+
+
+# How long the worker gathers shadows into one forward pass before it runs fewer than a
+# batch. One pass has a fixed cost (module calls, entropies, the window's gauges) of about
+# a millisecond of GIL time, which the request path pays: at the default rate (1 %) a
+# pass per shadow cost B-LeNet's server ~5-9 % of its throughput, a pass per half second
+# a fraction of that (benchmarks/shadow_cost.py, docs/fidelity.md).
+GATHER_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -146,6 +155,7 @@ class ShadowMonitor:
         last = engine.num_exits - 1
         dropped = 0
         with self._lock:
+            queued_before = len(self._jobs)
             for x, out in answers:
                 if self.config.rate < 1 and self._rng.random() >= self.config.rate:
                     continue
@@ -160,8 +170,8 @@ class ShadowMonitor:
                     dropped += 1
                 else:
                     self._jobs.append(_Job(engine, x, out.exit_index, out.class_index))
-            if self._jobs or self._dirty:
-                self._wakeup.notify()
+            if len(self._jobs) > queued_before or self._dirty:
+                self._wakeup.notify()  # the worker re-checks its batch (not on every call)
             queued = len(self._jobs)
         self.metrics.queued.labels(self.name).set(queued)
         if dropped:
@@ -196,8 +206,18 @@ class ShadowMonitor:
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
         while True:
             with self._lock:
-                while not self._jobs and not self._dirty and not self._closing:
-                    self._wakeup.wait()
+                while not self._closing:
+                    if self._jobs:  # run a full batch, or what the oldest gathered so far
+                        if len(self._jobs) >= self.config.batch_size:
+                            break
+                        wait = self._jobs[0].queued_at + GATHER_S - time.monotonic()
+                        if wait <= 0:
+                            break
+                        self._wakeup.wait(wait)
+                    elif self._dirty:
+                        break
+                    else:
+                        self._wakeup.wait()
                 if self._closing:
                     return
                 only_rows = not self._jobs
