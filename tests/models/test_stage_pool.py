@@ -11,8 +11,8 @@ import models
 from models.captured import CapturedExecutor
 from models.engine import TorchExecutor, early_exit
 from models.stage_pool import StagePool
-from tests.models.test_captured import assert_same, spread
 from testsupport.checkpoints import sharpen_heads
+from testsupport.exits import assert_same_exits, spread_thresholds
 
 
 class FakeClock:
@@ -32,7 +32,7 @@ def make(name: str) -> models.BranchyNet:
 def test_every_batch_gets_the_eager_engines_answers_in_input_order(name: str) -> None:
     net = make(name)
     x = torch.randn(120, *net.input_shape)
-    thresholds = spread(net, x) if net.num_exits > 1 else []
+    thresholds = spread_thresholds(net, x) if net.num_exits > 1 else []
     clock = FakeClock()
     pool = StagePool(CapturedExecutor(net, buckets=(1, 8, 32)), thresholds, target=32,
                      max_delay_s=1.0, clock=clock)  # fmt: skip
@@ -51,7 +51,7 @@ def test_every_batch_gets_the_eager_engines_answers_in_input_order(name: str) ->
     assert sorted(got) == tickets  # every batch answered once
     eager = TorchExecutor(net)
     for xb, tk in zip(batches, tickets, strict=True):
-        assert_same(got[tk], early_exit(eager, xb, thresholds))
+        assert_same_exits(got[tk], early_exit(eager, xb, thresholds))
     if net.num_exits > 1:
         # later segments ran on pooled batches: fewer runs than batches, none above target
         runs, samples = pool.segment_runs[1], pool.segment_samples[1]
@@ -80,7 +80,7 @@ def test_a_segment_waits_for_its_target_or_its_delay() -> None:
     pool.run_due()
     results = pool.pop_finished()
     assert list(results) == [2] and pool.waiting == 0
-    assert_same(results[2], early_exit(TorchExecutor(net), x[20:50], [0.0, 0.0]))
+    assert_same_exits(results[2], early_exit(TorchExecutor(net), x[20:50], [0.0, 0.0]))
 
 
 def test_per_sample_thresholds_travel_with_their_samples() -> None:
@@ -93,8 +93,8 @@ def test_per_sample_thresholds_travel_with_their_samples() -> None:
     pool.flush()
     got = pool.pop_finished()
     eager = TorchExecutor(net)
-    assert_same(got[a], early_exit(eager, x[:25], t[:25]))
-    assert_same(got[b], early_exit(eager, x[25:], t[25:]))
+    assert_same_exits(got[a], early_exit(eager, x[:25], t[:25]))
+    assert_same_exits(got[b], early_exit(eager, x[25:], t[25:]))
 
 
 def test_bad_settings_and_thresholds_are_refused() -> None:
