@@ -110,8 +110,23 @@ def decode_many(
         BadImage, PayloadTooLarge: from the checks.
         DeadlineExceeded: the deadline passed (or ``stop`` was set) before the end.
     """
-    spec = model.checkpoint.input_spec
     labels, opened, _ = _open_checked(images, settings)
+    return _decode_opened(labels, opened, model, settings, deadline=deadline, stop=stop)
+
+
+def _decode_opened(
+    labels: list[str],
+    opened: list[Image.Image],
+    model: ServedModel,
+    settings: Settings,
+    *,
+    deadline: float = math.inf,
+    stop: threading.Event | None = None,
+) -> list[Tensor]:
+    """Images opened and checked by :func:`_open_checked` decoded one by one into network
+    inputs (stopping before the next image past ``deadline`` or once ``stop`` is set),
+    then closed."""
+    spec = model.checkpoint.input_spec
     try:
         out = []
         for label, img in zip(labels, opened, strict=True):
@@ -142,17 +157,11 @@ def _decode_inline(
     if budget <= 0 or sum(len(data) for _, data in images) > 4 * budget:
         return None
     labels, opened, total = _open_checked(images, settings)
-    try:
-        if total > budget:
-            return None
-        spec = model.checkpoint.input_spec
-        return [
-            to_input(load_pixels(img, label=label), spec, label=label)
-            for label, img in zip(labels, opened, strict=True)
-        ]
-    finally:
+    if total > budget:
         for img in opened:
             img.close()
+        return None
+    return _decode_opened(labels, opened, model, settings)
 
 
 async def decode(
@@ -247,7 +256,8 @@ async def classify(
                 f.cancel()  # the batcher skips abandoned images
             elif not f.cancelled():
                 f.exception()  # mark retrieved: one failure already answers the request
-    not_finite = [i for i, a in enumerate(answers) if not _finite(a)]
+    # finite: computed once per batch exit by the batcher
+    not_finite = [i for i, a in enumerate(answers) if not a.finite]
     if not_finite:
         shown = ", ".join(str(i) for i in not_finite[:10])
         raise NonFiniteOutput(
@@ -255,7 +265,3 @@ async def classify(
             "logits): the input values are too large for float32 arithmetic"
         )
     return answers
-
-
-def _finite(answer: Classified) -> bool:
-    return answer.finite  # computed once per batch exit by the batcher
