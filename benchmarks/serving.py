@@ -16,7 +16,8 @@ alike:
   the same client and requests. Skipped with a message when LitServe is not installed
   or does not start.
 
-It reports img/s, p50/p99 per cell, served/in-process, the served early-exit gain
+It reports img/s, p50/p99 per cell, the CPU cores the server (its whole process tree)
+and the client used during the cell, served/in-process, the served early-exit gain
 (branchy / plain img/s) over the in-process gain, served/LitServe, and the issue's goals
 met or not. Prints a Markdown table; writes JSON and Markdown (``--out``).
 
@@ -33,6 +34,7 @@ import json
 import logging
 import os
 import platform
+import resource
 import shutil
 import subprocess
 import sys
@@ -196,6 +198,35 @@ class _LitServe:
         self._log.close()
 
 
+def process_tree_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system, every thread) of ``pid`` and its live descendants,
+    from ``/proc``: LitServe's workers are children of its launcher."""
+    tick = os.sysconf("SC_CLK_TCK")
+    parent: dict[int, int] = {}
+    used: dict[int, float] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # exited meanwhile
+            continue
+        parent[int(entry.name)] = int(fields[1])
+        used[int(entry.name)] = (int(fields[11]) + int(fields[12])) / tick
+    tree, todo = set(), [pid]
+    while todo:
+        p = todo.pop()
+        tree.add(p)
+        todo += [c for c, pp in parent.items() if pp == p and c not in tree]
+    return sum(used.get(p, 0.0) for p in tree)
+
+
+def client_cpu_s() -> float:
+    """This process's CPU seconds (the closed-loop client's threads run here)."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
 def _get(url: str, path: str) -> Any:
     host, port = url.removeprefix("http://").split(":")
     conn = http.client.HTTPConnection(host, int(port), timeout=30)
@@ -247,6 +278,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         else:
             peer = _LitServe(args.plain_dir, args, tmp)
     served: dict[tuple[str, int, int], list[tuple[Cell, float]]] = {}
+    # per cell: server CPU s (its process tree), client CPU s, wall s, summed over rounds
+    cores: dict[tuple[str, int, int], list[float]] = {}
     bound: dict[str, list[tuple[int, float]]] = {"plain": [], "branchy": []}
     info: dict[str, Any] = {}
     try:
@@ -278,25 +311,32 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             ]
             for n in args.shapes
         }
-        targets: list[tuple[str, str, str]] = [
-            ("branchy-serve", role, server.url) for role in ("plain", "branchy")
+        targets: list[tuple[str, str, str, int]] = [
+            ("branchy-serve", role, server.url, server.pid) for role in ("plain", "branchy")
         ]
         for name, other in others.items():
             targets += [
-                (f"branchy-serve[{name}]", role, other.url) for role in ("plain", "branchy")
+                (f"branchy-serve[{name}]", role, other.url, other.pid)
+                for role in ("plain", "branchy")
             ]
         if peer is not None:
-            targets.append(("litserve", "plain", peer.url))
+            targets.append(("litserve", "plain", peer.url, peer.proc.pid))
         slice_s = args.duration / args.rounds
         for rnd in range(args.rounds):
             for n in args.shapes:
                 for c in args.concurrency:
-                    for system, role, url in targets:
+                    for system, role, url, pid in targets:
                         load = {"concurrency": c, "max_requests": 10**7}
                         if rnd == 0:
                             closed_loop(url, names[role], bodies[n], seconds=args.warmup, **load)
+                        s0, c0 = process_tree_cpu_s(pid), client_cpu_s()
                         cell = closed_loop(url, names[role], bodies[n], seconds=slice_s, **load)
-                        served.setdefault((system + ":" + role, n, c), []).append(cell)
+                        key = (system + ":" + role, n, c)
+                        served.setdefault(key, []).append(cell)
+                        spent = cores.setdefault(key, [0.0, 0.0, 0.0])
+                        spent[0] += process_tree_cpu_s(pid) - s0
+                        spent[1] += client_cpu_s() - c0
+                        spent[2] += cell[1]
             for role, engine in engines.items():  # the servers are idle now
                 bound[role].append(
                     in_process(
@@ -359,6 +399,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     for (who, n, c), parts in served.items():
         system, _, role = who.rpartition(":")
         row = summarise_rounds(parts, cks[role].model.num_exits)
+        server_s, client_s, wall_s = cores[(who, n, c)]
+        row["server_cores"] = server_s / wall_s
+        row["client_cores"] = client_s / wall_s
         report["served"].append(
             {
                 "system": system,
@@ -480,18 +523,21 @@ def table(report: dict[str, Any]) -> str:
         + ", ".join(f"{v['name']} {v['runtime']}" for v in report["models"].values())
         + f"; LitServe: {report['litserve']}",
         "",
-        "| system | model | img/req | c | img/s | p50 ms | p99 ms | errors |",
-        "|---|---|---|---|---|---|---|---|",
+        "| system | model | img/req | c | img/s | p50 ms | p99 ms | errors | server cores "
+        "| client cores |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["served"]:
         lines.append(
             f"| {r['system']} | {r['model']} | {r['images_per_request']} | {r['concurrency']} | "
-            f"{r['images_per_s']:.0f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['errors']} |"
+            f"{r['images_per_s']:.0f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['errors']} | "
+            f"{r['server_cores']:.2f} | {r['client_cores']:.2f} |"
         )
     for role, r in report["in_process"].items():
         lines.append(
             f"| in-process (batch {report['settings']['max_batch_size']}) | "
-            f"{report['models'][role]['name']} | - | - | {r['images_per_s']:.0f} | - | - | - |"
+            f"{report['models'][role]['name']} | - | - | {r['images_per_s']:.0f} | - | - | - | 1 "
+            "thread | - |"
         )
     lines += [
         "",

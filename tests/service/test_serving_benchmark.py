@@ -4,8 +4,11 @@ unjudged run on the committed LeNet pair: no timing is asserted)."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from tests.service.conftest import ROOT
@@ -43,6 +46,9 @@ def test_serving_benchmark_smoke(tmp_path: Path) -> None:
         assert row["errors"] == 0 and row["requests"] > 0
         assert row["images"] == row["requests"] * row["images_per_request"]
         assert row["p50_ms"] <= row["p99_ms"]
+        # a server answering requests used CPU, and no more than the machine has
+        assert 0 < row["server_cores"] <= (os.cpu_count() or 1) + 0.5
+        assert 0 < row["client_cores"] <= (os.cpu_count() or 1) + 0.5
     assert [(x["images_per_request"], x["concurrency"]) for x in report["ratios"]] == [
         (1, 2),
         (4, 2),
@@ -53,3 +59,24 @@ def test_serving_benchmark_smoke(tmp_path: Path) -> None:
     peer_goals = [g for g in report["goals"] if "LitServe" in g["goal"]]
     assert peer_goals and all(g["met"] is None and g["value"] is None for g in peer_goals)
     assert all(isinstance(g["met"], bool) for g in report["goals"] if g["value"] is not None)
+
+
+def test_process_tree_cpu_counts_children() -> None:
+    """A parent that only waits while its child burns CPU: the child's time is counted."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.serving import process_tree_cpu_s
+
+    child = "while True: pass"
+    parent = subprocess.Popen(
+        [sys.executable, "-c", f"import subprocess, sys; subprocess.run([sys.executable, '-c', {child!r}])"],
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        time.sleep(0.5)  # both started, the child burning
+        before = process_tree_cpu_s(parent.pid)
+        time.sleep(0.5)
+        during = process_tree_cpu_s(parent.pid)
+    finally:
+        os.killpg(parent.pid, signal.SIGKILL)
+        parent.wait(30)
+    assert during - before > 0.2  # the child's CPU, while the parent itself sleeps
