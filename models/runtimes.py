@@ -18,6 +18,7 @@ reported is the one the compiled model reports back, never the one requested.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -154,12 +155,28 @@ class OnnxRuntimeExecutor(_NumpyExecutor):
         return None, out[0], out[1]
 
 
+def _is_bf16(hint: object) -> bool:
+    """OpenVINO's precision hint names bf16 as ``bf16`` or, in newer releases, as
+    ``<Type: 'bfloat16'>``."""
+    text = str(hint).lower()
+    return "bf16" in text or "bfloat16" in text
+
+
+@functools.cache
 def openvino_has_bf16() -> bool:
-    """Whether OpenVINO can compute in bf16 on this CPU (it says so in its capabilities)."""
+    """Whether OpenVINO computes in bf16 on this CPU. Its capabilities list is not
+    enough: a one-layer model is compiled with the bf16 hint and the precision it got is read."""
     try:
         import openvino as ov
+        import openvino.opset8 as ops
 
-        return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+        core = ov.Core()
+        if "BF16" not in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+            return False
+        x = ops.parameter([1, 4], ov.Type.f32, name="x")
+        model = ov.Model([ops.relu(x)], [x], "probe")
+        compiled = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "bf16"})
+        return _is_bf16(compiled.get_property("INFERENCE_PRECISION_HINT"))
     except Exception:  # not installed, or no CPU plugin
         return False
 
@@ -217,7 +234,7 @@ class OpenVinoExecutor(_NumpyExecutor):
             model.reshape({"x": shape})
             singles.append(core.compile_model(model, "CPU", config))
         actual = str(self._compiled[0].get_property("INFERENCE_PRECISION_HINT"))
-        self.precision = "bf16" if "bf16" in actual else "fp32"
+        self.precision = "bf16" if _is_bf16(actual) else "fp32"
         if self.precision != precision:
             raise RuntimeUnavailable(f"OpenVINO compiled for {actual}, not {precision}")
         self._tensor = ov.Tensor
