@@ -12,6 +12,7 @@ import uvicorn
 from pydantic import ValidationError
 
 from models.devices import resolve_device
+from service import workers
 from service.app import create_app
 from service.repository import discover
 from service.settings import Settings
@@ -71,6 +72,9 @@ def main() -> None:
     )
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)  # process-wide, hence here
+    if settings.http_workers:
+        workers.serve(settings)  # HTTP front-end processes feeding this one
+        return
     app = create_app(settings)
     uvicorn.run(
         app,

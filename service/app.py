@@ -19,9 +19,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service import __version__, autotune, shadow
 from service.batcher import Engine
 from service.deps import AppState, app_state
+from service.engine_link import LinkServer
 from service.errors import error_body, install_error_handlers, is_v2_path
 from service.manager import ModelManager
-from service.metrics import UNKNOWN_MODEL, Metrics
+from service.metrics import UNKNOWN_MODEL, Metrics, RequestMetrics
 from service.repository import load_engine
 from service.routes import admin, classify, console, docs, health, v2
 from service.settings import Settings
@@ -35,11 +36,13 @@ _MEASURED = (
 )
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, *, link_socket: Path | None = None) -> FastAPI:
     """Build the application. Nothing heavy happens here: models load in the lifespan.
 
     Args:
         settings: server settings (default: read from the environment).
+        link_socket: serve HTTP front ends (``service.workers``): listen for their
+            engine link on this Unix socket, and leave the request metrics to them.
     """
     settings = settings or Settings()
     app = FastAPI(
@@ -60,6 +63,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     manager.on_start.append(lambda served, saved: autotune.tuner(app).register(served, saved))
     manager.on_follow.append(lambda served, saved: autotune.tuner(app).follow(served, saved))
     app.state.service = AppState(settings=settings, metrics=metrics, models=manager)
+    app.state.link_socket = link_socket
     install_error_handlers(app, metrics)
     app.include_router(health.router)
     app.include_router(classify.router)
@@ -68,7 +72,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(console.router)
     docs.install(app)
     app.include_router(autotune.router)
-    app.add_middleware(LimitsMiddleware, settings=settings, metrics=metrics)
+    app.add_middleware(
+        LimitsMiddleware, settings=settings, metrics=metrics, measure=link_socket is None
+    )
     return app
 
 
@@ -85,6 +91,10 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     poller = asyncio.create_task(manager.poll_state(), name="poll-state")
     tuning = autotune.running(app)
     await tuning.__aenter__()
+    link = None
+    if app.state.link_socket is not None:
+        link = LinkServer(app_state(app), app.state.link_socket)
+        await link.start()
     try:
         yield
     finally:
@@ -98,6 +108,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await tuning.__aexit__(None, None, None)
+        if link is not None:
+            await link.stop()  # the front ends have stopped: only late answers remain
         await manager.stop()
         await asyncio.to_thread(shadow.stop_all, app)
         logger.info("stopped")
@@ -111,13 +123,22 @@ class LimitsMiddleware:
     * At most ``max_concurrent_requests`` image requests are in progress; beyond that
       503 + ``Retry-After`` at once, so memory stays bounded however many clients come.
     * ``branchy_requests_total`` and ``branchy_request_duration_seconds`` for the
-      classify and v2 infer endpoints.
+      classify and v2 infer endpoints (unless ``measure`` is off: behind HTTP front
+      ends, which measure the requests themselves).
     """
 
-    def __init__(self, app: ASGIApp, *, settings: Settings, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        settings: Settings,
+        metrics: RequestMetrics,
+        measure: bool = True,
+    ) -> None:
         self.app = app
         self.settings = settings
         self.metrics = metrics
+        self.measure = measure
         self.inflight = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -132,10 +153,8 @@ class LimitsMiddleware:
         async def send_wrapper(message: Message) -> None:
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
-                if endpoint is not None:
-                    metrics.request_duration.labels(model, endpoint).observe(
-                        time.perf_counter() - start
-                    )
+                if endpoint is not None and self.measure:
+                    metrics.observe_request(model, endpoint, time.perf_counter() - start)
             await send(message)
 
         declared = _content_length(scope)
@@ -224,10 +243,11 @@ class LimitsMiddleware:
                 return endpoint, self.metrics.model_label(m.group(1))
         return None, UNKNOWN_MODEL
 
-    @staticmethod
-    def _count(metrics: Metrics, endpoint: str | None, model: str, status: int) -> None:
-        if endpoint is not None:
-            metrics.requests.labels(model, endpoint, str(status)).inc()
+    def _count(
+        self, metrics: RequestMetrics, endpoint: str | None, model: str, status: int
+    ) -> None:
+        if endpoint is not None and self.measure:
+            metrics.count_request(model, endpoint, status)
 
 
 # How long an over-limit body is read and dropped before the 413 (see ``_drain``).

@@ -204,6 +204,39 @@ def error_response(
     )
 
 
+def log_service_error(exc: ServiceError, method: str, path: str) -> str | None:
+    """Log an error answer as every route does; the id its body carries (5xx only).
+
+    500s are failures to investigate, logged as errors; 503/504 are load shedding,
+    expected in bursts, so they are logged quietly (still with the id the client sees).
+    """
+    if exc.status < 500:
+        return exc.error_id
+    error_id = exc.error_id or new_error_id()
+    level = logging.ERROR if exc.status == 500 else logging.INFO
+    if exc.code == "not_ready":
+        level = logging.DEBUG
+    logger.log(
+        level,
+        "%s %s -> %d %s [id %s]: %s",
+        method,
+        path,
+        exc.status,
+        exc.code,
+        error_id,
+        exc.message,
+    )
+    return error_id
+
+
+def count_rejection(metrics: Metrics, name: str | None, code: str) -> None:
+    """Count an error answer of model ``name`` in ``branchy_rejected_total`` (codes
+    that are no rejection, such as ``not_found``, are not counted)."""
+    reason = REJECT_REASONS.get(code)
+    if reason is not None:
+        metrics.reject(metrics.model_label(name), reason)
+
+
 # Statuses Starlette and FastAPI raise themselves (routing, body parsing) -> our codes.
 _HTTP_CODES = {
     400: "bad_request",
@@ -223,32 +256,12 @@ def install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
     rejections in ``metrics``."""
 
     def _count_rejection(request: Request, code: str) -> None:
-        reason = REJECT_REASONS.get(code)
-        if reason is None:
-            return
         name = request.path_params.get("name") if request.path_params else None
-        metrics.reject(metrics.model_label(name), reason)
+        count_rejection(metrics, name, code)
 
     @app.exception_handler(ServiceError)
     async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
-        error_id = exc.error_id
-        if exc.status >= 500:
-            error_id = error_id or new_error_id()
-            # 500s are failures to investigate; 503/504 are load shedding, expected in
-            # bursts, so they are logged quietly (still with the id the client sees).
-            level = logging.ERROR if exc.status == 500 else logging.INFO
-            if exc.code == "not_ready":
-                level = logging.DEBUG
-            logger.log(
-                level,
-                "%s %s -> %d %s [id %s]: %s",
-                request.method,
-                request.url.path,
-                exc.status,
-                exc.code,
-                error_id,
-                exc.message,
-            )
+        error_id = log_service_error(exc, request.method, request.url.path)
         _count_rejection(request, exc.code)
         return error_response(
             exc.status,

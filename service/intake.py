@@ -10,11 +10,12 @@ import threading
 import time
 from collections.abc import Sequence
 
+import numpy as np
 from PIL import Image
 from torch import Tensor
 
-# encode_thresholds: re-exported for routes/classify.py (its home is models.exits).
-from models.exits import check_thresholds, encode_thresholds  # noqa: F401
+from models.checkpoint import InputSpec
+from models.exits import check_thresholds, encode_thresholds
 from service.batcher import Classified
 from service.errors import (
     DeadlineExceeded,
@@ -23,8 +24,10 @@ from service.errors import (
     PayloadTooLarge,
     ValidationFailed,
 )
-from service.preprocess import load_pixels, open_image, to_input
+from service.preprocess import load_pixels, open_image, to_checked_array
+from service.preprocess import network_inputs as network_inputs  # for the routes
 from service.repository import ServedModel
+from service.schemas import ClassifyResponse, ExitInfo, ImageResult, Timings, TopK
 from service.settings import Settings
 
 # Extra time a request waits beyond its deadline for a batch already computing: images
@@ -33,7 +36,7 @@ COMPUTE_GRACE_S = 5.0
 
 
 def parse_thresholds(
-    text: str | None, model: ServedModel, settings: Settings
+    text: str | None, num_exits: int, settings: Settings
 ) -> tuple[float, ...] | None:
     """A request's own thresholds from comma-separated text (``inf`` allowed: everyone
     leaves at that exit).
@@ -47,7 +50,7 @@ def parse_thresholds(
         raise ValidationFailed("this server does not accept per-request thresholds")
     values = [v.strip() for v in text.split(",")]
     try:
-        return check_thresholds(values, model.num_exits)
+        return check_thresholds(values, num_exits)
     except ValueError as exc:
         raise ValidationFailed(f"invalid thresholds {text[:100]!r}: {exc}") from None
 
@@ -92,13 +95,14 @@ def _open_checked(
 
 def decode_many(
     images: Sequence[tuple[str | None, bytes]],
-    model: ServedModel,
+    spec: InputSpec,
     settings: Settings,
     *,
     deadline: float = math.inf,
     stop: threading.Event | None = None,
-) -> list[Tensor]:
-    """Decode and preprocess a request's images (blocking; run it in a thread).
+) -> list[np.ndarray]:
+    """Decode a request's images to ``(H, W, C)`` uint8 pixels of the model's input size
+    (blocking; run it in a thread; :func:`network_inputs` makes the network's inputs).
 
     Every header is read and checked first (format, pixels, JPEG scans, and the pixels of
     all images together against ``max_request_pixels``), so nothing is decoded for a
@@ -111,22 +115,21 @@ def decode_many(
         DeadlineExceeded: the deadline passed (or ``stop`` was set) before the end.
     """
     labels, opened, _ = _open_checked(images, settings)
-    return _decode_opened(labels, opened, model, settings, deadline=deadline, stop=stop)
+    return _decode_opened(labels, opened, spec, settings, deadline=deadline, stop=stop)
 
 
 def _decode_opened(
     labels: list[str],
     opened: list[Image.Image],
-    model: ServedModel,
+    spec: InputSpec,
     settings: Settings,
     *,
     deadline: float = math.inf,
     stop: threading.Event | None = None,
-) -> list[Tensor]:
-    """Images opened and checked by :func:`_open_checked` decoded one by one into network
-    inputs (stopping before the next image past ``deadline`` or once ``stop`` is set),
-    then closed."""
-    spec = model.checkpoint.input_spec
+) -> list[np.ndarray]:
+    """Images opened and checked by :func:`_open_checked` decoded one by one into pixels
+    (stopping before the next image past ``deadline`` or once ``stop`` is set), then
+    closed."""
     try:
         out = []
         for label, img in zip(labels, opened, strict=True):
@@ -135,7 +138,7 @@ def _decode_opened(
                     f"decoding the images did not finish within the request timeout of "
                     f"{settings.request_timeout_s} s"
                 )
-            out.append(to_input(load_pixels(img, label=label), spec, label=label))
+            out.append(to_checked_array(load_pixels(img, label=label), spec, label=label))
         return out
     finally:
         for img in opened:
@@ -143,8 +146,8 @@ def _decode_opened(
 
 
 def _decode_inline(
-    images: Sequence[tuple[str | None, bytes]], model: ServedModel, settings: Settings
-) -> list[Tensor] | None:
+    images: Sequence[tuple[str | None, bytes]], spec: InputSpec, settings: Settings
+) -> list[np.ndarray] | None:
     """The request's inputs decoded here, on the event loop, when its images are small
     enough (``inline_decode_pixels``, 0 by default: off) to skip a worker thread's hop;
     None when they are not (decode them in a thread).
@@ -161,23 +164,24 @@ def _decode_inline(
         for img in opened:
             img.close()
         return None
-    return _decode_opened(labels, opened, model, settings)
+    return _decode_opened(labels, opened, spec, settings)
 
 
 async def decode(
     images: Sequence[tuple[str | None, bytes]],
-    model: ServedModel,
+    spec: InputSpec,
     settings: Settings,
     *,
     started: float | None = None,
-) -> list[Tensor]:
-    """Decode the request's images: on the event loop when they are small (at most
+) -> list[np.ndarray]:
+    """Decode the request's images to ``(H, W, C)`` uint8 pixels of the model's input
+    size (:func:`network_inputs` makes the network's inputs): on the event loop when they are small (at most
     ``inline_decode_pixels`` pixels together), else in a worker thread, answering by the
     request's deadline at the latest.
 
     Args:
         images: (filename, bytes) of each image.
-        model: the served model (its input spec).
+        spec: the input the model expects.
         settings: limits and the request timeout.
         started: ``time.monotonic()`` when the request arrived (default: now).
 
@@ -186,13 +190,13 @@ async def decode(
         DeadlineExceeded: the deadline passed while decoding; the worker thread stops
             before its next image, so the request holds it no longer than one image.
     """
-    inline = _decode_inline(images, model, settings)
+    inline = _decode_inline(images, spec, settings)
     if inline is not None:
         return inline
     deadline = (time.monotonic() if started is None else started) + settings.request_timeout_s
     stop = threading.Event()
     work = asyncio.ensure_future(
-        asyncio.to_thread(decode_many, images, model, settings, deadline=deadline, stop=stop)
+        asyncio.to_thread(decode_many, images, spec, settings, deadline=deadline, stop=stop)
     )
     try:
         async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
@@ -208,7 +212,7 @@ async def decode(
             work.add_done_callback(_retrieve)
 
 
-def _retrieve(task: asyncio.Future[list[Tensor]]) -> None:
+def _retrieve(task: asyncio.Future[list[np.ndarray]]) -> None:
     if not task.cancelled():
         task.exception()  # abandoned work: its outcome is no longer anyone's answer
 
@@ -265,3 +269,96 @@ async def classify(
             "logits): the input values are too large for float32 arithmetic"
         )
     return answers
+
+
+# One image's answer as a response needs it: class index, confidence, entropy, exit
+# taken, number of exits, queue wait (s), inference (s), batch size, and the top-k
+# (class index, probability) pairs when asked for. Plain values: the engine process
+# sends these to its HTTP front ends (service.engine_link).
+Row = tuple[int, float, float, int, int, float, float, int, list[tuple[int, float]] | None]
+
+
+def answer_rows(answers: Sequence[Classified], k: int | None) -> list[Row]:
+    """The rows of a request's answers, with the ``k`` best classes of each when ``k``
+    is given."""
+    rows: list[Row] = []
+    for a in answers:
+        best = None
+        if k is not None:
+            p, c = a.probabilities.topk(k)
+            best = list(zip(c.tolist(), p.tolist(), strict=True))
+        rows.append(
+            (
+                a.class_index,
+                a.confidence,
+                a.entropy,
+                a.exit_index,
+                len(a.thresholds) + 1,
+                a.queue_wait_s,
+                a.inference_s,
+                a.batch_size,
+                best,
+            )
+        )
+    return rows
+
+
+def classify_body(
+    model: str,
+    rows: Sequence[Row],
+    filenames: Sequence[str | None],
+    class_names: Sequence[str],
+    thresholds: Sequence[float],
+    *,
+    decode_s: float,
+    started: float,
+) -> bytes:
+    """The JSON body of a classify answer (``ClassifyResponse``), serialised once.
+
+    Args:
+        model: the model's name.
+        rows: one :data:`Row` per image, in request order.
+        filenames: each image's file name (None for a raw body).
+        class_names: of the engine that answered.
+        thresholds: the thresholds the first image was classified with.
+        decode_s: time spent decoding the request's images.
+        started: ``time.monotonic()`` when the request arrived.
+    """
+    results = [
+        ImageResult(
+            index=i,
+            filename=filename,
+            class_index=ci,
+            class_name=class_names[ci],
+            confidence=confidence,
+            entropy=entropy,
+            exit=ExitInfo(index=exit_index, count=exits),
+            top_k=None
+            if best is None
+            else [
+                TopK(class_index=int(c), class_name=class_names[int(c)], probability=float(p))
+                for c, p in best
+            ],
+            queue_wait_ms=wait * 1e3,
+            inference_ms=inference * 1e3,
+            batch_size=batch,
+        )
+        for i, (
+            (ci, confidence, entropy, exit_index, exits, wait, inference, batch, best),
+            filename,
+        ) in enumerate(zip(rows, filenames, strict=True))
+    ]
+    body = ClassifyResponse(
+        model=model,
+        thresholds=encode_thresholds(thresholds),
+        results=results,
+        timings=Timings(
+            decode_ms=decode_s * 1e3,
+            queue_wait_ms=max(r[5] for r in rows) * 1e3,
+            inference_ms=max(r[6] for r in rows) * 1e3,
+            total_ms=(time.monotonic() - started) * 1e3,
+        ),
+    )
+    # Serialised here (pydantic-core) instead of validated again by FastAPI: this is the
+    # hot path, and many images may share one answer.
+    return body.model_dump_json().encode()

@@ -6,6 +6,7 @@ Names and labels are fixed by docs/service-contract.md.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -71,6 +72,19 @@ _HELP = {
 }
 
 
+class RequestMetrics(Protocol):
+    """What the request middleware records: :class:`Metrics` in the process that owns
+    the metrics, a relay to it in an HTTP front end (``service.frontend``)."""
+
+    def model_label(self, name: str | None) -> str: ...
+
+    def reject(self, model: str, reason: str) -> None: ...
+
+    def observe_request(self, model: str, endpoint: str, seconds: float) -> None: ...
+
+    def count_request(self, model: str, endpoint: str, status: int) -> None: ...
+
+
 class Metrics:
     """Every metric the server exports (one table, :data:`_SERIES`).
 
@@ -111,6 +125,13 @@ class Metrics:
 
     def reject(self, model: str, reason: str) -> None:
         self.rejected.labels(model, reason).inc()
+
+    def observe_request(self, model: str, endpoint: str, seconds: float) -> None:
+        """A measured request's time from its start to its response's start."""
+        self.request_duration.labels(model, endpoint).observe(seconds)
+
+    def count_request(self, model: str, endpoint: str, status: int) -> None:
+        self.requests.labels(model, endpoint, str(status)).inc()
 
     def set_load_failed(self, model: str, failed: bool) -> None:
         """``model`` is a checkpoint folder's name (bounded by the repository)."""

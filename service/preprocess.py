@@ -14,6 +14,7 @@ import io
 import logging
 import re
 import warnings
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -131,12 +132,12 @@ def decode_image(
     return load_pixels(img, label=label)
 
 
-def to_pixels(img: Image.Image, spec: InputSpec) -> Tensor:
+def to_array(img: Image.Image, spec: InputSpec) -> np.ndarray:
     """Convert channels (grey <-> RGB, alpha and palettes dropped, 16-bit scaled to 8)
     and resize to the spec's size.
 
     Returns:
-        ``(C, H, W)`` uint8 pixels.
+        ``(H, W, C)`` uint8 pixels (a view of Pillow's buffer: read-only).
     """
     img = _to_8bit(img)
     mode = "L" if spec.channels == 1 else "RGB"
@@ -152,7 +153,36 @@ def to_pixels(img: Image.Image, spec: InputSpec) -> Tensor:
     if arr.shape[2] != spec.channels:
         # Only for specs with other channel counts than 1 and 3 (none in the zoo).
         raise BadImage(f"cannot convert a {img.mode} image to {spec.channels} channels")
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+    return arr
+
+
+def to_pixels(img: Image.Image, spec: InputSpec) -> Tensor:
+    """:func:`to_array` as ``(C, H, W)`` uint8 pixels."""
+    return torch.from_numpy(to_array(img, spec).copy()).permute(2, 0, 1).contiguous()
+
+
+def to_checked_array(img: Image.Image, spec: InputSpec, *, label: str = "image") -> np.ndarray:
+    """A decoded image -> ``(H, W, C)`` uint8 pixels of the spec's size (closes ``img``).
+
+    Raises:
+        BadImage: the image's mode cannot be converted.
+    """
+    try:
+        return to_array(img, spec)
+    except BadImage:
+        raise
+    except Exception as exc:  # odd modes of untrusted files
+        raise BadImage(f"{label} cannot be converted: {_why(exc)}") from None
+    finally:
+        img.close()
+
+
+def network_inputs(pixels: Sequence[np.ndarray] | np.ndarray, spec: InputSpec) -> list[Tensor]:
+    """Images' ``(H, W, C)`` uint8 pixels (a sequence, or one ``(N, H, W, C)`` array)
+    -> their ``(C, H, W)`` float32 network inputs, normalised together (one tensor
+    operation per request, not per image)."""
+    batch = torch.from_numpy(np.array(pixels, dtype=np.uint8)).permute(0, 3, 1, 2).contiguous()
+    return list(normalise(batch, spec))
 
 
 def normalise(pixels: Tensor, spec: InputSpec) -> Tensor:
@@ -179,15 +209,8 @@ def preprocess(
 
 def to_input(img: Image.Image, spec: InputSpec, *, label: str = "image") -> Tensor:
     """A decoded image -> ``(C, H, W)`` float32 network input (closes ``img``)."""
-    try:
-        pixels = to_pixels(img, spec)
-    except BadImage:
-        raise
-    except Exception as exc:  # odd modes of untrusted files
-        raise BadImage(f"{label} cannot be converted: {_why(exc)}") from None
-    finally:
-        img.close()
-    return normalise(pixels, spec)
+    pixels = to_checked_array(img, spec, label=label)
+    return normalise(torch.from_numpy(pixels.copy()).permute(2, 0, 1).contiguous(), spec)
 
 
 def _to_8bit(img: Image.Image) -> Image.Image:

@@ -4,6 +4,7 @@ served model that couples a network, its thresholds and its batcher (whose lifec
 
 from __future__ import annotations
 
+import itertools
 import logging
 import re
 import time
@@ -98,6 +99,11 @@ def public_load_error(exc: BaseException, path: Path, name: str) -> str:
     return _ADDRESS.sub("", text)[:500]
 
 
+# Engine generations: every load and reload of any model takes the next one, so that an
+# HTTP front end can tell whether what it decoded an image for is still what serves.
+_GENERATIONS = itertools.count(1)
+
+
 @dataclass(frozen=True)
 class _Current:
     engine: Engine
@@ -138,6 +144,7 @@ class ServedModel:
         self.thresholds_updated_at = time.time()
         self.state_mtime_ns: int | None = None
         self.loaded_at = time.time()
+        self.generation = next(_GENERATIONS)
         self.batcher = Batcher(name, self, metrics, **settings.batcher_options())
 
     def snapshot(self) -> tuple[Engine, tuple[float, ...]]:
@@ -171,6 +178,7 @@ class ServedModel:
         self.threshold_source = source
         self.thresholds_updated_at = time.time()
         self.loaded_at = time.time()
+        self.generation = next(_GENERATIONS)
 
     def describe(self, *, history: bool = False) -> dict[str, Any]:
         """JSON-able description for ``GET /v1/models/{name}``.

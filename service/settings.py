@@ -85,6 +85,13 @@ class Settings(BaseSettings):
             one per core). On a small or shared machine 1 can be much faster: the event
             loop and image decoding need a core too, and a parallel region whose threads
             are descheduled waits for the slowest.
+        http_workers: HTTP front-end processes (0, the default = one process serves
+            everything). With N > 0 the main process keeps the models, batchers, metrics
+            and admin state and serves them on a private Unix socket, and N front-end
+            processes share the public port: they parse and decode classify requests
+            and hand the decoded images to the main process's batcher through one Unix
+            socket each; every other request they forward to the main process
+            (``service.frontend``, docs/serving-performance.md).
         warmup_batches: batches run per model at start-up before ``/readyz`` turns 200.
         graceful_shutdown_s: how long SIGTERM waits for accepted requests to finish.
         log_level: Python logging level name.
@@ -134,6 +141,7 @@ class Settings(BaseSettings):
     half_precision: bool = False
     compile: bool = False
     torch_threads: int = Field(default=0, ge=0, le=1024)
+    http_workers: int = Field(default=0, ge=0, le=64)
     warmup_batches: int = Field(default=2, ge=0, le=100)
     graceful_shutdown_s: float = Field(default=30.0, gt=0)
     log_level: str = "INFO"

@@ -18,14 +18,10 @@ from service.errors import (
 )
 from service.schemas import (
     ClassifyResponse,
-    ExitInfo,
     FailedModel,
-    ImageResult,
     ModelDetail,
     ModelList,
     ModelSummary,
-    Timings,
-    TopK,
 )
 from service.settings import Settings
 
@@ -116,53 +112,30 @@ async def classify_images(
     ] = None,
 ) -> Response:
     started = time.monotonic()
-    own = intake.parse_thresholds(thresholds, model, settings)
+    own = intake.parse_thresholds(thresholds, model.num_exits, settings)
     images = await _read_images(request, settings)
     t0 = time.perf_counter()
-    inputs = await intake.decode(images, model, settings, started=started)
+    spec = model.checkpoint.input_spec
+    inputs = intake.network_inputs(
+        await intake.decode(images, spec, settings, started=started), spec
+    )
     decode_s = time.perf_counter() - t0
     answers = await intake.classify(model, inputs, settings, started=started, thresholds=own)
 
     names = answers[0].class_names  # the answering engine's, even after a reload
     k = None if top_k is None else min(top_k, len(names))
-    results = []
-    for i, (a, (filename, _)) in enumerate(zip(answers, images, strict=True)):
-        best = None
-        if k is not None:
-            p, c = a.probabilities.topk(k)
-            best = [
-                TopK(class_index=int(ci), class_name=names[int(ci)], probability=float(pi))
-                for pi, ci in zip(p.tolist(), c.tolist(), strict=True)
-            ]
-        results.append(
-            ImageResult(
-                index=i,
-                filename=filename,
-                class_index=a.class_index,
-                class_name=names[a.class_index],
-                confidence=a.confidence,
-                entropy=a.entropy,
-                exit=ExitInfo(index=a.exit_index, count=len(a.thresholds) + 1),
-                top_k=best,
-                queue_wait_ms=a.queue_wait_s * 1e3,
-                inference_ms=a.inference_s * 1e3,
-                batch_size=a.batch_size,
-            )
-        )
-    body = ClassifyResponse(
-        model=model.name,
-        thresholds=intake.encode_thresholds(answers[0].thresholds),
-        results=results,
-        timings=Timings(
-            decode_ms=decode_s * 1e3,
-            queue_wait_ms=max(a.queue_wait_s for a in answers) * 1e3,
-            inference_ms=max(a.inference_s for a in answers) * 1e3,
-            total_ms=(time.monotonic() - started) * 1e3,
+    return Response(
+        intake.classify_body(
+            model.name,
+            intake.answer_rows(answers, k),
+            [filename for filename, _ in images],
+            names,
+            answers[0].thresholds,
+            decode_s=decode_s,
+            started=started,
         ),
+        media_type="application/json",
     )
-    # Serialised once here (pydantic-core) instead of validated again by FastAPI: this
-    # route answers many images per request and is the hot path.
-    return Response(body.model_dump_json(), media_type="application/json")
 
 
 async def _read_images(request: Request, settings: Settings) -> list[tuple[str | None, bytes]]:

@@ -237,7 +237,7 @@ async def _infer(request: Request, model: ModelDep, settings: Settings) -> Respo
     if text is not None and not isinstance(text, str):
         raise BadRequest("parameter 'thresholds' must be a comma-separated string")
     try:
-        own = intake.parse_thresholds(text, model, settings)
+        own = intake.parse_thresholds(text, model.num_exits, settings)
     except ValidationFailed as exc:  # v2 answers every protocol error with 400
         raise BadRequest(exc.message) from None
     wanted = _requested_outputs(req, params)
@@ -302,7 +302,8 @@ async def _inputs(
         count = shape[0]
         _check_count(count, settings)
         images = _bytes_elements(tensor, raw, count)
-        return await intake.decode([(None, b) for b in images], model, settings, started=started)
+        pixels = await intake.decode([(None, b) for b in images], spec, settings, started=started)
+        return intake.network_inputs(pixels, spec)
     if dtype not in ("UINT8", "FP32"):
         raise BadRequest(
             f"input datatype must be UINT8, FP32 or BYTES; got {tensor.datatype[:16]!r}"

@@ -33,15 +33,18 @@ LENET = bad.Target("b-lenet", 1, 28, 28, 1, max_body_bytes=MAX_BODY, max_images=
 CASES = bad.bad_requests(ALEXNET)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module", params=["0", "1"], ids=["one-process", "front-end"])
 def limited_server(
-    model_repo: Path, tmp_path_factory: pytest.TempPathFactory
+    model_repo: Path, tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
 ) -> Iterator[ServerProcess]:
-    """One real server for the module, with small body and image-count limits."""
+    """One real server for the module, with small body and image-count limits: a single
+    process, then one with an HTTP front end (``BRANCHY_HTTP_WORKERS=1``), whose answers
+    to every case must be the same."""
     env = {
         "BRANCHY_ADMIN_TOKEN": TOKEN,
         "BRANCHY_MAX_BODY_BYTES": str(MAX_BODY),
         "BRANCHY_MAX_IMAGES_PER_REQUEST": str(MAX_IMAGES),
+        "BRANCHY_HTTP_WORKERS": request.param,
     }
     with running_server(model_repo, tmp_path_factory.mktemp("bad-input"), env) as proc:
         yield proc

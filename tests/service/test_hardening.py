@@ -61,10 +61,17 @@ def strict_json(text: str | bytes) -> object:
     return json.loads(text, parse_constant=refuse)
 
 
-@pytest.fixture(scope="module")
-def srv(model_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    """One real server for the module's ordinary cases (admin token ``TOKEN``)."""
-    env = {"BRANCHY_ADMIN_TOKEN": TOKEN, "BRANCHY_REQUEST_TIMEOUT_S": "3"}
+@pytest.fixture(scope="module", params=["0", "1"], ids=["one-process", "front-end"])
+def srv(
+    model_repo: Path, tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[ServerProcess]:
+    """One real server for the module's ordinary cases (admin token ``TOKEN``): a single
+    process, then one with an HTTP front end (``BRANCHY_HTTP_WORKERS=1``)."""
+    env = {
+        "BRANCHY_ADMIN_TOKEN": TOKEN,
+        "BRANCHY_REQUEST_TIMEOUT_S": "3",
+        "BRANCHY_HTTP_WORKERS": request.param,
+    }
     with running_server(model_repo, tmp_path_factory.mktemp("hardening"), env) as proc:
         yield proc
 
