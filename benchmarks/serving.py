@@ -59,6 +59,7 @@ from benchmarks.runtimes import cpu_info  # noqa: E402
 from models import Checkpoint, load_checkpoint  # noqa: E402
 from service.batcher import Engine  # noqa: E402
 from service.preprocess import preprocess  # noqa: E402
+from testsupport.procstat import tree_cpu_seconds  # noqa: E402
 from testsupport.server import ServerProcess, free_port  # noqa: E402
 
 logger = logging.getLogger("serving")
@@ -198,29 +199,6 @@ class _LitServe:
         self._log.close()
 
 
-def process_tree_cpu_s(pid: int) -> float:
-    """CPU seconds (user + system, every thread) of ``pid`` and its live descendants,
-    from ``/proc``: LitServe's workers are children of its launcher."""
-    tick = os.sysconf("SC_CLK_TCK")
-    parent: dict[int, int] = {}
-    used: dict[int, float] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:  # exited meanwhile
-            continue
-        parent[int(entry.name)] = int(fields[1])
-        used[int(entry.name)] = (int(fields[11]) + int(fields[12])) / tick
-    tree, todo = set(), [pid]
-    while todo:
-        p = todo.pop()
-        tree.add(p)
-        todo += [c for c, pp in parent.items() if pp == p and c not in tree]
-    return sum(used.get(p, 0.0) for p in tree)
-
-
 def client_cpu_s() -> float:
     """This process's CPU seconds (the closed-loop client's threads run here)."""
     r = resource.getrusage(resource.RUSAGE_SELF)
@@ -329,12 +307,12 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                         load = {"concurrency": c, "max_requests": 10**7}
                         if rnd == 0:
                             closed_loop(url, names[role], bodies[n], seconds=args.warmup, **load)
-                        s0, c0 = process_tree_cpu_s(pid), client_cpu_s()
+                        s0, c0 = tree_cpu_seconds(pid), client_cpu_s()
                         cell = closed_loop(url, names[role], bodies[n], seconds=slice_s, **load)
                         key = (system + ":" + role, n, c)
                         served.setdefault(key, []).append(cell)
                         spent = cores.setdefault(key, [0.0, 0.0, 0.0])
-                        spent[0] += process_tree_cpu_s(pid) - s0
+                        spent[0] += tree_cpu_seconds(pid) - s0
                         spent[1] += client_cpu_s() - c0
                         spent[2] += cell[1]
             for role, engine in engines.items():  # the servers are idle now

@@ -27,7 +27,6 @@ import argparse
 import json
 import logging
 import math
-import os
 import random
 import statistics
 import sys
@@ -43,6 +42,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.load import closed_loop, multipart, test_images  # noqa: E402
 from models import load_checkpoint  # noqa: E402
+from testsupport.procstat import tree_cpu_seconds  # noqa: E402
 from testsupport.server import ServerProcess  # noqa: E402
 from training.fidelity import cpu_name  # noqa: E402
 
@@ -103,12 +103,6 @@ def paired_cost(on: list[float], off: list[float], seed: int) -> dict[str, Any]:
 # ---------------------------------------------------------------- the servers
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process, all its threads (Linux ``/proc``)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def counters(url: str, model: str) -> dict[str, float]:
     """Shadow series of ``model`` from ``/metrics`` (summed over other labels)."""
     text = urllib.request.urlopen(f"{url}/metrics", timeout=10).read().decode()
@@ -158,7 +152,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             if r % 2:
                 order.reverse()
             for label in order:
-                cpu0 = cpu_seconds(servers[label].proc.pid)
+                cpu0 = tree_cpu_seconds(servers[label].proc.pid)
                 cell, elapsed = closed_loop(
                     servers[label].url,
                     args.model.name,
@@ -174,7 +168,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                 if r:
                     speed[label].append(cell.images / elapsed)
                     # the server's own CPU per image: what other jobs' load barely moves
-                    cpu = cpu_seconds(servers[label].proc.pid) - cpu0
+                    cpu = tree_cpu_seconds(servers[label].proc.pid) - cpu0
                     cpu_ms[label].append(1e3 * cpu / max(cell.images, 1))
         seen = {label: counters(servers[label].url, args.model.name) for label in labels}
     finally:

@@ -22,7 +22,11 @@ Messages (``rid``: the front end's request id, echoed in the answer):
   catalogue's), ``("error", rid, status, code, message, headers, error_id)``, or
   ``("stale", rid)`` when the model is not served or not the generation decoded for: the
   front end then forwards the request to the main process, which answers it in full.
-* ``("requests", records)``: request metrics, no answer (see :class:`MetricsRelay`).
+* ``("requests", records)``: request metrics, no answer (``service.frontend.MetricsRelay``).
+
+And one message from the main process to its front ends: ``("flush", token)`` before it
+renders ``/metrics``, answered with ``("flushed", token, records)``, so that a scrape
+counts every request answered before it (the relay otherwise sends every 0.1 s).
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ import os
 import pickle
 import struct
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -100,6 +104,10 @@ class LinkServer:
         self.path = path
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._flushes: dict[int, asyncio.Future[None]] = {}
+        self._tokens = itertools.count()
+        state.metrics.relayed = self.collect
 
     async def start(self) -> None:
         self._server = await asyncio.start_unix_server(self._serve, path=str(self.path))
@@ -111,6 +119,23 @@ class LinkServer:
             self._server.close()
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=intake.COMPUTE_GRACE_S)
+
+    async def collect(self, timeout_s: float = 1.0) -> None:
+        """Have every front end send the request metrics it has not sent yet, and wait
+        for them (at most ``timeout_s``: a busy or stuck front end delays no scrape)."""
+        waiting = []
+        loop = asyncio.get_running_loop()
+        for writer in list(self._writers):
+            token = next(self._tokens)
+            self._flushes[token] = loop.create_future()
+            waiting.append(self._flushes[token])
+            write_frame(writer, ("flush", token))
+        if waiting:
+            await asyncio.wait(waiting, timeout=timeout_s)
+        for future in waiting:
+            future.cancel()
+        for token in [t for t, f in self._flushes.items() if f.done()]:
+            del self._flushes[token]
 
     def catalog(self) -> dict[str, CatalogEntry]:
         entries = {}
@@ -128,6 +153,7 @@ class LinkServer:
         return entries
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._writers.add(writer)
         try:
             while (message := await read_frame(reader)) is not None:
                 kind = message[0]
@@ -139,11 +165,17 @@ class LinkServer:
                     write_frame(writer, ("catalog", message[1], self.catalog()))
                 elif kind == "requests":
                     apply_records(self.state.metrics, message[1])
+                elif kind == "flushed":
+                    apply_records(self.state.metrics, message[2])
+                    flush = self._flushes.get(message[1])
+                    if flush is not None and not flush.done():
+                        flush.set_result(None)
                 else:
                     logger.warning("engine link: unknown message %r ignored", str(kind)[:40])
         except (ConnectionError, OSError):
             pass  # the front end went away (it is restarted, or the server stops)
         finally:
+            self._writers.discard(writer)
             writer.close()
 
     async def _classify(self, message: tuple[Any, ...], writer: asyncio.StreamWriter) -> None:
@@ -215,6 +247,8 @@ class EngineLink:
         self._reader_task: asyncio.Task[None] | None = None
         self._pending: dict[int, asyncio.Future[tuple[Any, ...]]] = {}
         self._ids = itertools.count()
+        # Called with the token of the main process's ("flush", token) message.
+        self.on_flush: Callable[[int], None] = lambda token: None
 
     async def connect(self, *, timeout_s: float = 30.0) -> None:
         """Connect, retrying while the main process starts.
@@ -266,6 +300,9 @@ class EngineLink:
     async def _read(self, reader: asyncio.StreamReader) -> None:
         try:
             while (message := await read_frame(reader)) is not None:
+                if message[0] == "flush":
+                    self.on_flush(message[1])
+                    continue
                 future = self._pending.get(message[1])
                 if future is not None and not future.done():
                     future.set_result(message)

@@ -113,6 +113,11 @@ class MetricsRelay:
             records, self.records = self.records, []
             self.link.send("requests", records)
 
+    def flush_for(self, token: int) -> None:
+        """Answer the main process's ("flush", token): everything not yet sent."""
+        records, self.records = self.records, []
+        self.link.send("flushed", token, records)
+
 
 def parse_multipart(
     body: bytes, content_type: bytes, max_parts: int
@@ -214,6 +219,7 @@ class FrontEnd:
         self.on_lost = on_lost
         self.catalog: dict[str, CatalogEntry] = {}
         self.relay = MetricsRelay(link, lambda: self.catalog)
+        link.on_flush = self.relay.flush_for
         self._refresh = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._proxy: httpx.AsyncClient | None = None

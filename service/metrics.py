@@ -5,7 +5,7 @@ Names and labels are fixed by docs/service-contract.md.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -118,6 +118,14 @@ class Metrics:
                 metric = kind(name, _HELP[attr], labels, registry=r)
             setattr(self, attr, metric)
         self.shadow = ShadowMetrics(r)  # exit fidelity (service.shadow)
+        # Gathers what HTTP front ends measured and have not sent yet (set by
+        # service.engine_link.LinkServer; None in a single process).
+        self.relayed: Callable[[], Awaitable[None]] | None = None
+
+    async def gather(self) -> None:
+        """Wait for the request metrics that front ends still hold (none without)."""
+        if self.relayed is not None:
+            await self.relayed()
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""

@@ -64,7 +64,8 @@ class Settings(BaseSettings):
             a worker thread, saving the thread hop (0, the default = always in a thread:
             on the 2-core CPU inline decoding measured slower, because Pillow releases the
             GIL while decoding and a thread overlaps it with the event loop; see
-            docs/serving-performance.md).
+            docs/serving-performance.md). An HTTP front end, whose loop has no model to
+            share the GIL with, decodes up to 4096 pixels inline unless this is set.
         admin_token: bearer token of the admin routes; unset = admin routes off.
         state_dir: where per-model threshold changes are persisted.
         state_poll_s: how often to look for threshold files changed by another replica
@@ -85,13 +86,14 @@ class Settings(BaseSettings):
             one per core). On a small or shared machine 1 can be much faster: the event
             loop and image decoding need a core too, and a parallel region whose threads
             are descheduled waits for the slowest.
-        http_workers: HTTP front-end processes (0, the default = one process serves
+        http_workers: HTTP front-end processes (default 1; 0 = one process serves
             everything). With N > 0 the main process keeps the models, batchers, metrics
             and admin state and serves them on a private Unix socket, and N front-end
             processes share the public port: they parse and decode classify requests
-            and hand the decoded images to the main process's batcher through one Unix
-            socket each; every other request they forward to the main process
-            (``service.frontend``, docs/serving-performance.md).
+            and hand the images to the main process's batcher through one Unix socket
+            each; every other request they forward to the main process
+            (``service.frontend``). On the 2-core CPU one front end served single-image
+            requests about 1.8x faster than one process (docs/serving-performance.md).
         warmup_batches: batches run per model at start-up before ``/readyz`` turns 200.
         graceful_shutdown_s: how long SIGTERM waits for accepted requests to finish.
         log_level: Python logging level name.
@@ -141,7 +143,7 @@ class Settings(BaseSettings):
     half_precision: bool = False
     compile: bool = False
     torch_threads: int = Field(default=0, ge=0, le=1024)
-    http_workers: int = Field(default=0, ge=0, le=64)
+    http_workers: int = Field(default=1, ge=0, le=64)
     warmup_batches: int = Field(default=2, ge=0, le=100)
     graceful_shutdown_s: float = Field(default=30.0, gt=0)
     log_level: str = "INFO"

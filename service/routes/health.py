@@ -37,4 +37,5 @@ async def readyz(manager: ManagerDep) -> dict[str, object]:
     responses={200: {"description": "Prometheus text format.", "content": {"text/plain": {}}}},
 )
 async def metrics(m: MetricsDep) -> Response:
+    await m.gather()  # requests the HTTP front ends answered and have not reported yet
     return Response(m.render(), media_type=CONTENT_TYPE_LATEST)

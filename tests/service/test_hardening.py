@@ -40,6 +40,7 @@ from tests.service.conftest import (
 )
 from testsupport import badimages as bad
 from testsupport.multipart import encode_multipart
+from testsupport.procstat import tree_cpu_seconds
 from testsupport.reliability import (
     assert_error,
     metric_total,
@@ -690,11 +691,6 @@ def _lossless_webp(side: int) -> bytes:
     return buf.getvalue()
 
 
-def _cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def test_the_deadline_stops_decoding(slow_srv: ServerProcess) -> None:
     """Forty 2048² lossless WebPs (a few hundred bytes each, 80 ms to a third of a
     second of decoding each, so seconds in all even on a quiet CPU: twelve, about 1 s
@@ -711,9 +707,9 @@ def test_the_deadline_stops_decoding(slow_srv: ServerProcess) -> None:
         assert elapsed < 3.0, elapsed
         # After the answer, the decode worker finishes at most its current image.
         time.sleep(0.8)
-        cpu = _cpu_seconds(slow_srv.proc.pid)
+        cpu = tree_cpu_seconds(slow_srv.proc.pid)
         time.sleep(2.0)
-        assert _cpu_seconds(slow_srv.proc.pid) - cpu < 0.5
+        assert tree_cpu_seconds(slow_srv.proc.pid) - cpu < 0.5
         ok = c.post("/v1/models/b-alexnet/classify", content=encode(random_pixels(CIFAR, 1)[0]),
                     headers={"content-type": "image/png"})  # fmt: skip
         assert ok.status_code == 200, ok.text

@@ -49,8 +49,13 @@ def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 20.0) ->
 
 
 def established(pid: int) -> int:
-    """TCP connections the server process holds open."""
-    return sum(c.status == "ESTABLISHED" for c in psutil.Process(pid).net_connections())
+    """TCP connections the server holds open (its HTTP front ends' included)."""
+    main = psutil.Process(pid)
+    return sum(
+        c.status == "ESTABLISHED"
+        for p in (main, *main.children(recursive=True))
+        for c in p.net_connections(kind="tcp")
+    )
 
 
 def growth(before: dict, after: dict) -> Callable[..., float]:

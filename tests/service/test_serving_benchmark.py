@@ -64,7 +64,7 @@ def test_serving_benchmark_smoke(tmp_path: Path) -> None:
 def test_process_tree_cpu_counts_children() -> None:
     """A parent that only waits while its child burns CPU: the child's time is counted."""
     sys.path.insert(0, str(ROOT))
-    from benchmarks.serving import process_tree_cpu_s
+    from testsupport.procstat import tree_cpu_seconds
 
     child = "while True: pass"
     parent = subprocess.Popen(
@@ -73,9 +73,9 @@ def test_process_tree_cpu_counts_children() -> None:
     )  # fmt: skip
     try:
         time.sleep(0.5)  # both started, the child burning
-        before = process_tree_cpu_s(parent.pid)
+        before = tree_cpu_seconds(parent.pid)
         time.sleep(0.5)
-        during = process_tree_cpu_s(parent.pid)
+        during = tree_cpu_seconds(parent.pid)
     finally:
         os.killpg(parent.pid, signal.SIGKILL)
         parent.wait(30)
