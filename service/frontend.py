@@ -64,7 +64,9 @@ logger = logging.getLogger(__name__)
 _CLASSIFY = re.compile(r"^/v1/models/([^/]+)/classify$")
 _MODEL_PATH = re.compile(r"^/v[12]/models/([^/]+)")
 _TOP_K = re.compile(r"^[1-9][0-9]{0,3}$")
-# Headers that belong to one connection, not to the request (RFC 9110 7.6.1).
+# Headers that belong to one connection, not to the message (RFC 9110 7.6.1), and
+# Content-Length, which httpx sets for a forwarded body (a forwarded answer keeps its own:
+# its raw bytes are passed on unchanged).
 _HOP_BY_HOP = frozenset(
     {
         b"connection",
@@ -450,7 +452,9 @@ class FrontEnd:
                     "type": "http.response.start",
                     "status": response.status_code,
                     "headers": [
-                        (k, v) for k, v in response.headers.raw if k.lower() not in _HOP_BY_HOP
+                        (k, v)
+                        for k, v in response.headers.raw
+                        if k.lower() not in _HOP_BY_HOP or k.lower() == b"content-length"
                     ],
                 }
             )

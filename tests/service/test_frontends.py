@@ -299,3 +299,12 @@ def test_sigterm_drains_accepted_requests_and_stops_every_process(
         assert server.proc.wait(60) == 0
     assert statuses == [200] * 8
     assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in children)
+
+
+def test_forwarded_answers_keep_their_framing(client: httpx.Client) -> None:
+    listed = client.get("/v1/models")
+    assert listed.status_code == 200
+    assert int(listed.headers["content-length"]) == len(listed.content)
+    assert "transfer-encoding" not in listed.headers
+    head = client.head("/healthz")
+    assert head.status_code == 200 and head.content == b""
