@@ -49,7 +49,13 @@ import numpy as np
 from models.checkpoint import InputSpec
 from service import intake
 from service.deps import AppState
-from service.errors import REJECT_REASONS, ServiceError, count_rejection, log_service_error
+from service.errors import (
+    REJECT_REASONS,
+    ServiceError,
+    count_rejection,
+    log_service_error,
+    new_error_id,
+)
 from service.metrics import Metrics
 
 logger = logging.getLogger(__name__)
@@ -203,14 +209,11 @@ class LinkServer:
                 answers[0].thresholds,
             )
         except ServiceError as exc:
-            path = f"/v1/models/{name}/classify"
-            error_id = log_service_error(exc, "POST", path)
+            error_id = log_service_error(exc, "POST", f"/v1/models/{name}/classify")
             count_rejection(self.state.metrics, name, exc.code)
             reply = ("error", rid, exc.status, exc.code, exc.message, exc.headers, error_id)
         except Exception:
-            error_id = log_service_error(
-                ServiceError("internal server error"), "POST", f"/v1/models/{name}/classify"
-            )
+            error_id = new_error_id()
             logger.exception("engine link: classify for model %r failed [id %s]", name, error_id)
             reply = ("error", rid, 500, "internal", "internal server error", {}, error_id)
         write_frame(writer, reply)

@@ -28,7 +28,7 @@ from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
 if TYPE_CHECKING:
-    from service.metrics import Metrics
+    from service.metrics import Metrics, RequestMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -229,7 +229,7 @@ def log_service_error(exc: ServiceError, method: str, path: str) -> str | None:
     return error_id
 
 
-def count_rejection(metrics: Metrics, name: str | None, code: str) -> None:
+def count_rejection(metrics: RequestMetrics, name: str | None, code: str) -> None:
     """Count an error answer of model ``name`` in ``branchy_rejected_total`` (codes
     that are no rejection, such as ``not_found``, are not counted)."""
     reason = REJECT_REASONS.get(code)

@@ -50,11 +50,12 @@ from service.engine_link import APP_SOCKET, LINK_SOCKET, CatalogEntry, EngineLin
 from service.errors import (
     _HTTP_CODES,
     CLIENT_CLOSED_REQUEST,
-    REJECT_REASONS,
     DeadlineExceeded,
     ServiceError,
     ShuttingDown,
+    count_rejection,
     error_body,
+    is_v2_path,
 )
 from service.metrics import UNKNOWN_MODEL
 from service.settings import Settings
@@ -331,10 +332,8 @@ class FrontEnd:
         await self._forward(scope, body, send)
 
     def _count_rejection(self, path: str, code: str) -> None:
-        reason = REJECT_REASONS.get(code)
-        if reason is not None:
-            m = _MODEL_PATH.match(path)
-            self.relay.reject(self.relay.model_label(m.group(1) if m else None), reason)
+        m = _MODEL_PATH.match(path)
+        count_rejection(self.relay, m.group(1) if m else None, code)
 
     async def _classify(
         self, name: str, scope: Scope, body: bytes, send: Send, started: float
@@ -364,7 +363,7 @@ class FrontEnd:
             inputs = await intake.decode(images, entry.input_spec, settings, started=started)
         except DeadlineExceeded as exc:
             self._count_rejection(scope["path"], exc.code)
-            await _send_error(send, exc.status, exc.code, exc.message, path=scope["path"])
+            await _send_service_error(send, exc, path=scope["path"])
             return
         except ServiceError:
             raise _Refused from None  # a bad image: the main process says what is wrong
@@ -390,13 +389,11 @@ class FrontEnd:
             late = DeadlineExceeded(
                 f"no answer within the request timeout of {settings.request_timeout_s} s"
             )
-            await _send_error(send, late.status, late.code, late.message, path=scope["path"])
+            await _send_service_error(send, late, path=scope["path"])
             return
         except LinkLost:
             down = ShuttingDown("the server is stopping; retry")
-            await _send_error(
-                send, down.status, down.code, down.message, path=scope["path"], headers=down.headers
-            )
+            await _send_service_error(send, down, path=scope["path"])
             return
         kind = reply[0]
         if kind == "stale":  # not served, or reloaded since this front end looked
@@ -437,14 +434,7 @@ class FrontEnd:
         except httpx.HTTPError:
             logger.warning("the main process did not answer a forwarded request")
             down = ShuttingDown("the server is not answering; retry")
-            await _send_error(
-                send,
-                down.status,
-                down.code,
-                down.message,
-                path=scope["path"],
-                headers=down.headers,
-            )
+            await _send_service_error(send, down, path=scope["path"])
             return
         try:
             await send(
@@ -494,11 +484,11 @@ def _query(query_string: bytes) -> tuple[int | None, str | None]:
             raise _Refused
         seen.add(key)
         if key == "top_k":
-            if not _TOP_K.match(value) or int(value) > 1000:
+            if not _TOP_K.match(value) or int(value) > intake.MAX_TOP_K:
                 raise _Refused
             top_k = int(value)
         else:
-            if len(value) > 2000:
+            if len(value) > intake.MAX_THRESHOLDS_TEXT:
                 raise _Refused
             text = value
     return top_k, text
@@ -538,10 +528,13 @@ async def _send_error(
     headers: dict[str, str] | None = None,
     error_id: str | None = None,
 ) -> None:
-    v2 = path == "/v2" or path.startswith("/v2/")
-    body = json.dumps(error_body(status, code, message, error_id, v2=v2)).encode()
+    body = json.dumps(error_body(status, code, message, error_id, v2=is_v2_path(path))).encode()
     extra = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (headers or {}).items()]
     await _send_json(send, status, body, extra)
+
+
+async def _send_service_error(send: Send, exc: ServiceError, *, path: str) -> None:
+    await _send_error(send, exc.status, exc.code, exc.message, path=path, headers=exc.headers)
 
 
 def create_frontend(

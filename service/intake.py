@@ -30,6 +30,12 @@ from service.repository import ServedModel
 from service.schemas import ClassifyResponse, ExitInfo, ImageResult, Timings, TopK
 from service.settings import Settings
 
+# Bounds of a classify request's query: ``top_k`` at most, and the length of its
+# ``thresholds`` text (the route's validation; an HTTP front end leaves anything beyond
+# them to it).
+MAX_TOP_K = 1000
+MAX_THRESHOLDS_TEXT = 2000
+
 # Extra time a request waits beyond its deadline for a batch already computing: images
 # are dropped before compute once the deadline passes, never in the middle of it.
 COMPUTE_GRACE_S = 5.0
@@ -148,7 +154,7 @@ def _decode_opened(
 def _decode_inline(
     images: Sequence[tuple[str | None, bytes]], spec: InputSpec, settings: Settings
 ) -> list[np.ndarray] | None:
-    """The request's inputs decoded here, on the event loop, when its images are small
+    """The request's pixels decoded here, on the event loop, when its images are small
     enough (``inline_decode_pixels``, 0 by default: off) to skip a worker thread's hop;
     None when they are not (decode them in a thread).
 
@@ -175,9 +181,9 @@ async def decode(
     started: float | None = None,
 ) -> list[np.ndarray]:
     """Decode the request's images to ``(H, W, C)`` uint8 pixels of the model's input
-    size (:func:`network_inputs` makes the network's inputs): on the event loop when they are small (at most
-    ``inline_decode_pixels`` pixels together), else in a worker thread, answering by the
-    request's deadline at the latest.
+    size (:func:`network_inputs` makes the network's inputs): on the event loop when
+    they are small (at most ``inline_decode_pixels`` pixels together), else in a worker
+    thread, answering by the request's deadline at the latest.
 
     Args:
         images: (filename, bytes) of each image.

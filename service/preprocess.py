@@ -137,7 +137,7 @@ def to_array(img: Image.Image, spec: InputSpec) -> np.ndarray:
     and resize to the spec's size.
 
     Returns:
-        ``(H, W, C)`` uint8 pixels (a view of Pillow's buffer: read-only).
+        ``(H, W, C)`` uint8 pixels (read-only).
     """
     img = _to_8bit(img)
     mode = "L" if spec.channels == 1 else "RGB"
@@ -154,11 +154,6 @@ def to_array(img: Image.Image, spec: InputSpec) -> np.ndarray:
         # Only for specs with other channel counts than 1 and 3 (none in the zoo).
         raise BadImage(f"cannot convert a {img.mode} image to {spec.channels} channels")
     return arr
-
-
-def to_pixels(img: Image.Image, spec: InputSpec) -> Tensor:
-    """:func:`to_array` as ``(C, H, W)`` uint8 pixels."""
-    return torch.from_numpy(to_array(img, spec).copy()).permute(2, 0, 1).contiguous()
 
 
 def to_checked_array(img: Image.Image, spec: InputSpec, *, label: str = "image") -> np.ndarray:
@@ -209,8 +204,7 @@ def preprocess(
 
 def to_input(img: Image.Image, spec: InputSpec, *, label: str = "image") -> Tensor:
     """A decoded image -> ``(C, H, W)`` float32 network input (closes ``img``)."""
-    pixels = to_checked_array(img, spec, label=label)
-    return normalise(torch.from_numpy(pixels.copy()).permute(2, 0, 1).contiguous(), spec)
+    return network_inputs([to_checked_array(img, spec, label=label)], spec)[0]
 
 
 def _to_8bit(img: Image.Image) -> Image.Image:

@@ -102,12 +102,13 @@ async def classify_images(
     model: ModelDep,
     settings: SettingsDep,
     top_k: Annotated[
-        int | None, Query(ge=1, le=1000, description="Return the k best classes.")
+        int | None, Query(ge=1, le=intake.MAX_TOP_K, description="Return the k best classes.")
     ] = None,
     thresholds: Annotated[
         str | None,
         Query(
-            max_length=2000, description="This request's thresholds, comma-separated (inf allowed)."
+            max_length=intake.MAX_THRESHOLDS_TEXT,
+            description="This request's thresholds, comma-separated (inf allowed).",
         ),
     ] = None,
 ) -> Response:
