@@ -16,6 +16,9 @@ alike:
   the same client and requests. Skipped with a message when LitServe is not installed
   or does not start.
 
+Only the server being measured runs: the others are stopped (SIGSTOP) meanwhile, and all
+of them during the in-process runs (an idle LitServe polls its workers).
+
 It reports img/s, p50/p99 per cell, the CPU cores the server (its whole process tree)
 and the client used during the cell, served/in-process, the served early-exit gain
 (branchy / plain img/s) over the in-process gain, served/LitServe, and the issue's goals
@@ -36,6 +39,7 @@ import os
 import platform
 import resource
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -59,7 +63,7 @@ from benchmarks.runtimes import cpu_info  # noqa: E402
 from models import Checkpoint, load_checkpoint  # noqa: E402
 from service.batcher import Engine  # noqa: E402
 from service.preprocess import preprocess  # noqa: E402
-from testsupport.procstat import tree_cpu_seconds  # noqa: E402
+from testsupport.procstat import signal_tree, tree_cpu_seconds  # noqa: E402
 from testsupport.server import ServerProcess, free_port  # noqa: E402
 
 logger = logging.getLogger("serving")
@@ -130,6 +134,33 @@ class _Repo(ServerProcess):
             **(extra or {}),
         }
         super().__init__(env, log_path=tmp / "server.log", name=label, strict=True)
+
+
+class _OneAtATime:
+    """Keeps every server but the one being measured stopped (SIGSTOP to its process
+    tree), and all of them during the in-process runs: an idle server is not idle on
+    every stack (LitServe's workers poll, about 0.19 core of a 2-core machine while no
+    request comes), and those cycles would be taken from whatever is being measured."""
+
+    def __init__(self, pids: list[int]) -> None:
+        self.pids = list(dict.fromkeys(pids))
+        self.running = set(self.pids)
+
+    def only(self, pid: int | None) -> None:
+        """Let ``pid`` run and stop the others (None: stop them all)."""
+        for p in self.pids:
+            if p == pid and p not in self.running:
+                signal_tree(p, signal.SIGCONT)
+                self.running.add(p)
+            elif p != pid and p in self.running:
+                signal_tree(p, signal.SIGSTOP)
+                self.running.discard(p)
+
+    def resume_all(self) -> None:
+        for p in self.pids:
+            if p not in self.running:
+                signal_tree(p, signal.SIGCONT)
+                self.running.add(p)
 
 
 def parse_variant(text: str) -> tuple[str, dict[str, str]]:
@@ -260,6 +291,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     cores: dict[tuple[str, int, int], list[float]] = {}
     bound: dict[str, list[tuple[int, float]]] = {"plain": [], "branchy": []}
     info: dict[str, Any] = {}
+    quiet = _OneAtATime([])
     try:
         server.wait_ready(args.ready_timeout)
         for other in others.values():
@@ -300,11 +332,13 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         if peer is not None:
             targets.append(("litserve", "plain", peer.url, peer.proc.pid))
         slice_s = args.duration / args.rounds
+        quiet = _OneAtATime([pid for *_, pid in targets])
         for rnd in range(args.rounds):
             for n in args.shapes:
                 for c in args.concurrency:
                     for system, role, url, pid in targets:
                         load = {"concurrency": c, "max_requests": 10**7}
+                        quiet.only(pid)
                         if rnd == 0:
                             closed_loop(url, names[role], bodies[n], seconds=args.warmup, **load)
                         s0, c0 = tree_cpu_seconds(pid), client_cpu_s()
@@ -315,7 +349,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                         spent[0] += tree_cpu_seconds(pid) - s0
                         spent[1] += client_cpu_s() - c0
                         spent[2] += cell[1]
-            for role, engine in engines.items():  # the servers are idle now
+            quiet.only(None)
+            for role, engine in engines.items():
                 bound[role].append(
                     in_process(
                         engine,
@@ -327,6 +362,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                 )
             logger.info("round %d/%d done", rnd + 1, args.rounds)
     finally:
+        quiet.resume_all()  # a stopped process would not see SIGTERM
         server.stop()
         for other in others.values():
             other.stop()

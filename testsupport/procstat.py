@@ -4,6 +4,7 @@ spends its CPU in child processes)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -18,20 +19,33 @@ def _stat(pid: int) -> tuple[int, float] | None:
     return int(fields[1]), (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def tree_cpu_seconds(pid: int) -> float:
-    """CPU seconds of ``pid`` and its live descendants (an exited child's time is not
-    counted)."""
+def _tree(pid: int) -> dict[int, float]:
+    """CPU seconds of ``pid`` and of each of its live descendants, by pid."""
     children: dict[int, list[int]] = {}
     used: dict[int, float] = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit() and (stat := _stat(int(entry.name))) is not None:
             children.setdefault(stat[0], []).append(int(entry.name))
             used[int(entry.name)] = stat[1]
-    total, todo, seen = 0.0, [pid], set()
+    tree: dict[int, float] = {}
+    todo = [pid]
     while todo:
         p = todo.pop()
-        if p not in seen:
-            seen.add(p)
-            total += used.get(p, 0.0)
+        if p not in tree and p in used:
+            tree[p] = used[p]
             todo += children.get(p, [])
-    return total
+    return tree
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds of ``pid`` and its live descendants (an exited child's time is not
+    counted)."""
+    return sum(_tree(pid).values())
+
+
+def signal_tree(pid: int, sig: int) -> None:
+    """Send ``sig`` to ``pid`` and its live descendants (one that exits meanwhile is
+    skipped)."""
+    for p in _tree(pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(p, sig)
