@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -246,6 +247,29 @@ def _get(url: str, path: str) -> Any:
         conn.close()
 
 
+def batch_totals(url: str) -> dict[str, tuple[float, float]]:
+    """Per served model: (images, batches) the server has run so far, from its
+    ``branchy_batch_size`` histogram."""
+    host, port = url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    try:
+        conn.request("GET", "/metrics")
+        text = conn.getresponse().read().decode()
+    finally:
+        conn.close()
+    out: dict[str, tuple[float, float]] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name != "branchy_batch_size":
+            continue
+        for sample in family.samples:
+            images, batches = out.get(sample.labels["model"], (0.0, 0.0))
+            if sample.name.endswith("_sum"):
+                out[sample.labels["model"]] = (images + sample.value, batches)
+            elif sample.name.endswith("_count"):
+                out[sample.labels["model"]] = (images, batches + sample.value)
+    return out
+
+
 def in_process(
     engine: Engine, xs: torch.Tensor, thresholds: list[float], *, batch: int, seconds: float
 ) -> tuple[int, float]:
@@ -290,6 +314,10 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     # per cell: server CPU s (its process tree), client CPU s, wall s, summed over rounds
     cores: dict[tuple[str, int, int], list[float]] = {}
     bound: dict[str, list[tuple[int, float]]] = {"plain": [], "branchy": []}
+    # per branchy-serve cell: images and batches its model ran during the cell
+    batched: dict[tuple[str, int, int], list[float]] = {}
+    # in-process at the batch sizes the server formed: {(role, batch): [(images, s)]}
+    at_batch: dict[tuple[str, int], list[tuple[int, float]]] = {}
     info: dict[str, Any] = {}
     quiet = _OneAtATime([])
     try:
@@ -341,6 +369,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                         quiet.only(pid)
                         if rnd == 0:
                             closed_loop(url, names[role], bodies[n], seconds=args.warmup, **load)
+                        ours = system.startswith("branchy-serve")
+                        b0 = batch_totals(url).get(names[role], (0.0, 0.0)) if ours else None
                         s0, c0 = tree_cpu_seconds(pid), client_cpu_s()
                         cell = closed_loop(url, names[role], bodies[n], seconds=slice_s, **load)
                         key = (system + ":" + role, n, c)
@@ -349,6 +379,11 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                         spent[0] += tree_cpu_seconds(pid) - s0
                         spent[1] += client_cpu_s() - c0
                         spent[2] += cell[1]
+                        if b0 is not None:
+                            b1 = batch_totals(url).get(names[role], (0.0, 0.0))
+                            ran = batched.setdefault(key, [0.0, 0.0])
+                            ran[0] += b1[0] - b0[0]
+                            ran[1] += b1[1] - b0[1]
             quiet.only(None)
             for role, engine in engines.items():
                 bound[role].append(
@@ -361,6 +396,28 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                     )
                 )
             logger.info("round %d/%d done", rnd + 1, args.rounds)
+        # The same engines at the batch sizes the server formed (rounded means of the
+        # default server's cells), also in rounds: with single images a server cannot
+        # form the max-size batches of the ceiling above, and the early-exit gain of a
+        # small batch is smaller (fixed costs per stage and exit).
+        sizes = sorted(
+            {
+                (who.rpartition(":")[2], max(1, round(ran[0] / ran[1])))
+                for (who, _, _), ran in batched.items()
+                if who.startswith("branchy-serve:") and ran[1] > 0
+            }
+        )
+        for _ in range(args.rounds if sizes else 0):
+            for role, b in sizes:
+                at_batch.setdefault((role, b), []).append(
+                    in_process(
+                        engines[role],
+                        xs,
+                        thresholds[role],
+                        batch=b,
+                        seconds=max(0.5, slice_s / 4),
+                    )
+                )
     finally:
         quiet.resume_all()  # a stopped process would not see SIGTERM
         server.stop()
@@ -405,17 +462,23 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         "litserve": litserve_note or "measured",
         "variants": {name: env for name, env in variants},
         "in_process": {},
+        "in_process_at_batch": {"plain": {}, "branchy": {}},
         "served": [],
     }
     for role, runs in bound.items():
         done, secs = sum(d for d, _ in runs), sum(s for _, s in runs)
         report["in_process"][role] = {"images_per_s": done / secs, "images": done, "seconds": secs}
+    for (role, b), runs in sorted(at_batch.items()):
+        done, secs = sum(d for d, _ in runs), sum(s for _, s in runs)
+        report["in_process_at_batch"][role][str(b)] = done / secs
     for (who, n, c), parts in served.items():
         system, _, role = who.rpartition(":")
         row = summarise_rounds(parts, cks[role].model.num_exits)
         server_s, client_s, wall_s = cores[(who, n, c)]
         row["server_cores"] = server_s / wall_s
         row["client_cores"] = client_s / wall_s
+        ran_images, ran_batches = batched.get((who, n, c), [0.0, 0.0])
+        row["mean_batch"] = ran_images / ran_batches if ran_batches > 0 else None
         report["served"].append(
             {
                 "system": system,
@@ -491,9 +554,30 @@ def ratios(report: dict[str, Any]) -> list[dict[str, Any]]:
                 "served_gain": gain,
                 "in_process_gain": ip_gain,
                 "gain_ratio": gain / ip_gain,
+                # the in-process gain and ceilings at the batch sizes served
+                "in_process_gain_at_served_batch": None,
+                "plain_served_over_in_process_at_served_batch": None,
+                "branchy_served_over_in_process_at_served_batch": None,
                 "plain_over_litserve": None,
                 "branchy_over_litserve": None,
             }
+            small = {
+                role: at.get(str(max(1, round(row["mean_batch"]))))
+                if row.get("mean_batch")
+                else None
+                for role, row, at in (
+                    ("plain", plain, report["in_process_at_batch"]["plain"]),
+                    ("branchy", branchy, report["in_process_at_batch"]["branchy"]),
+                )
+            }
+            if small["plain"] and small["branchy"]:
+                x["in_process_gain_at_served_batch"] = small["branchy"] / small["plain"]
+                x["plain_served_over_in_process_at_served_batch"] = (
+                    plain["images_per_s"] / small["plain"]
+                )
+                x["branchy_served_over_in_process_at_served_batch"] = (
+                    branchy["images_per_s"] / small["branchy"]
+                )
             if peer is not None and peer["images_per_s"] > 0:
                 x["plain_over_litserve"] = plain["images_per_s"] / peer["images_per_s"]
                 x["branchy_over_litserve"] = branchy["images_per_s"] / peer["images_per_s"]
@@ -538,26 +622,34 @@ def table(report: dict[str, Any]) -> str:
         + f"; LitServe: {report['litserve']}",
         "",
         "| system | model | img/req | c | img/s | p50 ms | p99 ms | errors | server cores "
-        "| client cores |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| client cores | mean batch |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["served"]:
+        batch = "-" if r.get("mean_batch") is None else f"{r['mean_batch']:.1f}"
         lines.append(
             f"| {r['system']} | {r['model']} | {r['images_per_request']} | {r['concurrency']} | "
             f"{r['images_per_s']:.0f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['errors']} | "
-            f"{r['server_cores']:.2f} | {r['client_cores']:.2f} |"
+            f"{r['server_cores']:.2f} | {r['client_cores']:.2f} | {batch} |"
         )
     for role, r in report["in_process"].items():
         lines.append(
             f"| in-process (batch {report['settings']['max_batch_size']}) | "
             f"{report['models'][role]['name']} | - | - | {r['images_per_s']:.0f} | - | - | - | 1 "
-            "thread | - |"
+            "thread | - | - |"
         )
+    for role, by_size in report["in_process_at_batch"].items():
+        for b, rate in by_size.items():
+            lines.append(
+                f"| in-process (batch {b}) | {report['models'][role]['name']} | - | - | "
+                f"{rate:.0f} | - | - | - | 1 thread | - | {b} |"
+            )
     lines += [
         "",
         "| img/req | c | plain served/in-process | branchy served/in-process | served gain | "
-        "in-process gain | gain ratio | plain/LitServe |",
-        "|---|---|---|---|---|---|---|---|",
+        "in-process gain | gain ratio | plain/LitServe | at the served batch sizes: plain, "
+        "branchy served/in-process, in-process gain |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
 
     def pct(v: float | None) -> str:
@@ -565,12 +657,19 @@ def table(report: dict[str, Any]) -> str:
 
     for x in report["ratios"]:
         peer = x["plain_over_litserve"]
+        at_served = "-"
+        if x["in_process_gain_at_served_batch"] is not None:
+            at_served = (
+                f"{pct(x['plain_served_over_in_process_at_served_batch'])}, "
+                f"{pct(x['branchy_served_over_in_process_at_served_batch'])}, "
+                f"{x['in_process_gain_at_served_batch']:.2f}x"
+            )
         lines.append(
             f"| {x['images_per_request']} | {x['concurrency']} | "
             f"{pct(x['plain_served_over_in_process'])} | "
             f"{pct(x['branchy_served_over_in_process'])} | {x['served_gain']:.2f}x | "
             f"{x['in_process_gain']:.2f}x | {pct(x['gain_ratio'])} | "
-            f"{'-' if peer is None else f'{peer:.2f}x'} |"
+            f"{'-' if peer is None else f'{peer:.2f}x'} | {at_served} |"
         )
     for v in report["variant_ratios"]:
         lines.append(

@@ -49,6 +49,12 @@ def test_serving_benchmark_smoke(tmp_path: Path) -> None:
         # a server answering requests used CPU, and no more than the machine has
         assert 0 < row["server_cores"] <= (os.cpu_count() or 1) + 0.5
         assert 0 < row["client_cores"] <= (os.cpu_count() or 1) + 0.5
+        # the server's own batch-size histogram, over the cell: at least one image per
+        # batch, at most the max batch size (64)
+        assert 1 <= row["mean_batch"] <= 64
+        size = str(max(1, round(row["mean_batch"])))
+        if row["system"] == "branchy-serve":  # the ceiling at the batch size it formed
+            assert report["in_process_at_batch"][row["role"]][size] > 0
     assert [(x["images_per_request"], x["concurrency"]) for x in report["ratios"]] == [
         (1, 2),
         (4, 2),
@@ -56,9 +62,49 @@ def test_serving_benchmark_smoke(tmp_path: Path) -> None:
     for x in report["ratios"]:
         assert x["gain_ratio"] == x["served_gain"] / x["in_process_gain"]
         assert x["plain_over_litserve"] is None  # not measured, never made up
+        plain, branchy = (
+            next(r for r in report["served"] if r["system"] == "branchy-serve" and r["role"] == role
+                 and (r["images_per_request"], r["concurrency"]) == (x["images_per_request"], 2))
+            for role in ("plain", "branchy")
+        )  # fmt: skip
+        at = report["in_process_at_batch"]
+        small_plain = at["plain"][str(max(1, round(plain["mean_batch"])))]
+        small_branchy = at["branchy"][str(max(1, round(branchy["mean_batch"])))]
+        assert x["in_process_gain_at_served_batch"] == small_branchy / small_plain
+        assert x["plain_served_over_in_process_at_served_batch"] == (
+            plain["images_per_s"] / small_plain
+        )
     peer_goals = [g for g in report["goals"] if "LitServe" in g["goal"]]
     assert peer_goals and all(g["met"] is None and g["value"] is None for g in peer_goals)
     assert all(isinstance(g["met"], bool) for g in report["goals"] if g["value"] is not None)
+
+
+def test_signal_tree_stops_and_resumes_children() -> None:
+    """What the benchmark does to the servers it is not measuring: SIGSTOP to a process
+    tree stops its child's CPU use, SIGCONT lets it go on."""
+    sys.path.insert(0, str(ROOT))
+    from testsupport.procstat import signal_tree, tree_cpu_seconds
+
+    child = "while True: pass"
+    parent = subprocess.Popen(
+        [sys.executable, "-c", f"import subprocess, sys; subprocess.run([sys.executable, '-c', {child!r}])"],
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        time.sleep(0.5)
+        signal_tree(parent.pid, signal.SIGSTOP)
+        time.sleep(0.1)  # the stop is delivered
+        before = tree_cpu_seconds(parent.pid)
+        time.sleep(0.5)
+        stopped = tree_cpu_seconds(parent.pid) - before
+        signal_tree(parent.pid, signal.SIGCONT)
+        time.sleep(0.5)
+        resumed = tree_cpu_seconds(parent.pid) - before - stopped
+    finally:
+        os.killpg(parent.pid, signal.SIGKILL)
+        parent.wait()
+    assert stopped <= 0.02  # a clock tick at most
+    assert resumed >= 0.2
 
 
 def test_process_tree_cpu_counts_children() -> None:
