@@ -270,6 +270,16 @@ class _Item:
     wait_s: float = field(default=0.0)
 
 
+def _batch_input(engine: Engine, batch: Sequence[_Item]) -> Tensor:
+    """The batch's network input: its images stacked, uint8 pixels normalised (all at
+    once when every image came as pixels, the serving path's case)."""
+    xs = [item.x for item in batch]
+    spec = engine.checkpoint.input_spec
+    if all(x.dtype == torch.uint8 for x in xs):
+        return spec.normalise(torch.stack(xs))
+    return torch.stack([spec.normalise(x) if x.dtype == torch.uint8 else x for x in xs])
+
+
 class Batcher:
     """Per-model dynamic batcher.
 
@@ -342,7 +352,9 @@ class Batcher:
         """Queue a request's images; all of them or none.
 
         Args:
-            xs: ``(C, H, W)`` float32 inputs.
+            xs: ``(C, H, W)`` float32 network inputs, or uint8 pixels that are normalised
+                with the rest of their batch (``InputSpec.normalise``, one operation
+                per batch rather than per request).
             deadline: ``time.monotonic()`` after which queued images are dropped.
             thresholds: this request's own thresholds (else the model's at batch time).
 
@@ -497,7 +509,7 @@ class Batcher:
         n, e = len(batch), engine.num_exits - 1
         per_sample = [item.thresholds if item.thresholds is not None else shared for item in batch]
         t = torch.tensor(per_sample, dtype=torch.float32).reshape(n, e)
-        x = torch.stack([item.x for item in batch])
+        x = _batch_input(engine, batch)
         m, name = self.metrics, self.name
         names = engine.checkpoint.class_names
         answered = [False] * n  # an out-of-memory retry may release a sample twice
@@ -514,11 +526,12 @@ class Batcher:
             entropies, confs, classes = ent_t.tolist(), conf.tolist(), cls.tolist()
             ex = str(exit_index)
             wait_h, entropy_h = m.queue_wait.labels(name), m.exit_entropy.labels(name, ex)
-            answers = []
+            answers, fresh = [], []
             for k, r in enumerate(rows.tolist()):
                 if answered[r]:
                     continue
                 answered[r] = True
+                fresh.append(r)
                 item, ent = batch[r], entropies[k]
                 wait_h.observe(item.wait_s)
                 entropy_h.observe(ent if math.isfinite(ent) else 0.0)
@@ -544,7 +557,9 @@ class Batcher:
                 m.exits.labels(name, ex).inc(len(answers))
             deliver(answers)
             if self.shadow is not None:  # cheap: samples and queues, never computes here
-                self.shadow.offer(engine, [(item.x, out) for item, out in answers])
+                self.shadow.offer(
+                    engine, [(x[r], out) for r, (_, out) in zip(fresh, answers, strict=True)]
+                )
 
         engine.run(x, t, release)
         m.inference_duration.labels(name).observe(time.perf_counter() - start)

@@ -193,7 +193,7 @@ class LinkServer:
             return
         try:
             pixels = np.frombuffer(data, dtype=np.uint8).reshape(shape)
-            inputs = intake.network_inputs(pixels, model.checkpoint.input_spec)
+            inputs = intake.pixel_inputs(pixels)
             answers = await intake.classify(
                 model, inputs, self.state.settings, started=started, thresholds=thresholds
             )

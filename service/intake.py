@@ -26,6 +26,7 @@ from service.errors import (
 )
 from service.preprocess import load_pixels, open_image, to_checked_array
 from service.preprocess import network_inputs as network_inputs  # for the routes
+from service.preprocess import pixel_inputs as pixel_inputs  # for the routes
 from service.repository import ServedModel
 from service.schemas import ClassifyResponse, ExitInfo, ImageResult, Timings, TopK
 from service.settings import Settings
@@ -235,7 +236,8 @@ async def classify(
 
     Args:
         model: the served model.
-        inputs: ``(C, H, W)`` float32 network inputs.
+        inputs: ``(C, H, W)`` float32 network inputs, or uint8 pixels
+            (:func:`pixel_inputs`; the batcher normalises them a batch at a time).
         settings: limits and the request timeout.
         started: ``time.monotonic()`` when the request arrived (the deadline counts from it).
         thresholds: the request's own thresholds.

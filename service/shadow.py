@@ -162,14 +162,15 @@ class ShadowMonitor:
                 if out.exit_index >= last:
                     if self.collect_all and len(self._jobs) < self.config.capacity:
                         # auto-tuning needs every exit's entropy of these too
-                        self._jobs.append(_Job(engine, x, out.exit_index, out.class_index))
+                        self._jobs.append(_Job(engine, x.clone(), out.exit_index, out.class_index))
                     else:
                         self._rows.append(WindowRow(out.exit_index, True))
                         self._dirty = True
                 elif len(self._jobs) >= self.config.capacity:
                     dropped += 1
                 else:
-                    self._jobs.append(_Job(engine, x, out.exit_index, out.class_index))
+                    # a copy: x is a view of its whole batch, which it would keep alive
+                    self._jobs.append(_Job(engine, x.clone(), out.exit_index, out.class_index))
             if len(self._jobs) > queued_before or self._dirty:
                 self._wakeup.notify()  # the worker re-checks its batch (not on every call)
             queued = len(self._jobs)

@@ -117,9 +117,7 @@ async def classify_images(
     images = await _read_images(request, settings)
     t0 = time.perf_counter()
     spec = model.checkpoint.input_spec
-    inputs = intake.network_inputs(
-        await intake.decode(images, spec, settings, started=started), spec
-    )
+    inputs = intake.pixel_inputs(await intake.decode(images, spec, settings, started=started))
     decode_s = time.perf_counter() - t0
     answers = await intake.classify(model, inputs, settings, started=started, thresholds=own)
 

@@ -303,7 +303,7 @@ async def _inputs(
         _check_count(count, settings)
         images = _bytes_elements(tensor, raw, count)
         pixels = await intake.decode([(None, b) for b in images], spec, settings, started=started)
-        return intake.network_inputs(pixels, spec)
+        return intake.pixel_inputs(pixels)
     if dtype not in ("UINT8", "FP32"):
         raise BadRequest(
             f"input datatype must be UINT8, FP32 or BYTES; got {tensor.datatype[:16]!r}"

@@ -21,6 +21,7 @@ from models import build_model, load_checkpoint
 from service.batcher import Batcher, Classified, Engine, split_on_oom
 from service.errors import ModelChanged
 from service.metrics import Metrics
+from service.preprocess import pixel_inputs
 from tests.service.conftest import CIFAR, MNIST, TOKEN, encode, offline_input, random_pixels
 
 PNG = {"content-type": "image/png"}
@@ -336,3 +337,29 @@ def test_images_queued_before_a_reload_that_changes_the_model_run_on_their_engin
     want_new = alexnet.run(x_new, torch.tensor([[0.1, 0.2]] * 2))
     assert [a.exit_index for a in new] == want_new.exit_index.tolist()
     assert all(a.class_names == alexnet.checkpoint.class_names for a in new)
+
+
+def test_pixels_are_normalised_with_their_batch_exactly_as_offline(model_repo: Path) -> None:
+    """uint8 pixels (what the routes and the engine link queue), float inputs and a mix
+    of both in one batch: the same answers, bit for bit, as the offline input."""
+    engine = Engine(load_checkpoint(model_repo / "b-alexnet"), torch.device("cpu"))
+    source = _Swappable(engine, (0.1, 0.2))
+    pixels = random_pixels(CIFAR, 6, seed=5)
+    x = offline_input(pixels, CIFAR)
+    as_pixels = pixel_inputs(pixels)
+    assert all(p.dtype == torch.uint8 and tuple(p.shape) == CIFAR.shape for p in as_pixels)
+
+    async def scenario(*requests: list[torch.Tensor]) -> list[Classified]:
+        batcher = Batcher("m", source, Metrics(), max_batch_size=64, max_delay_s=0.2, max_queue=64)
+        batcher.start()
+        futures = [f for r in requests for f in batcher.submit(r, deadline=time.monotonic() + 30)]
+        answers = list(await asyncio.gather(*futures))
+        await batcher.stop()
+        return answers
+
+    want = engine.run(x, torch.tensor([[0.1, 0.2]] * 6))
+    for requests in ([as_pixels], [list(x)], [as_pixels[:3], list(x[3:])]):
+        got = asyncio.run(scenario(*requests))
+        assert len({a.batch_size for a in got}) == 1  # one batch
+        assert [a.exit_index for a in got] == want.exit_index.tolist()
+        assert torch.equal(torch.stack([a.probabilities for a in got]), want.probabilities)
