@@ -616,7 +616,9 @@ def goals(report: dict[str, Any]) -> list[dict[str, Any]]:
 def table(report: dict[str, Any]) -> str:
     m = report["machine"]
     lines = [
-        f"`{report['command']}`; CPU {m['cpu']['model']} ({m['cpus']} cores), load average "
+        f"`{report['command']}`; CPU {m['cpu']['model']} ({m['cpus']} cores; "
+        + (", ".join(k for k, v in m["cpu"].get("flags", {}).items() if v) or "no flags read")
+        + "), load average "
         f"at the end {m['load_average_at_end'][0]:.1f}; runtimes "
         + ", ".join(f"{v['name']} {v['runtime']}" for v in report["models"].values())
         + f"; LitServe: {report['litserve']}",

@@ -158,6 +158,8 @@ class Engine:
                 checkpoint, runtime=runtime, precision=precision, device=device, threads=threads
             )
         self.model: BranchyNet = checkpoint.model  # the eager network (reference)
+        # What a batch costs whatever its size, measured by warm_up (None until then).
+        self.batch_overhead_s: float | None = None
 
     num_exits = Forwarded("runner", int, "Exits of the network.")
     runtime = Forwarded("runner", str, "The runtime that serves (see ``load_engine``).")
@@ -214,14 +216,30 @@ class Engine:
             probs = torch.softmax(result.logits.float(), dim=1)
             return BatchOutput(probs.cpu(), result.exit_index.cpu(), result.entropy.float().cpu())
 
-    def warm_up(self, batch_sizes: Sequence[int]) -> None:
-        """Run zero batches through every stage (thresholds 0: nobody leaves early)."""
+    def warm_up(self, batch_sizes: Sequence[int], repeats: int = 3) -> None:
+        """Run zero batches through every stage (thresholds 0: nobody leaves early).
+
+        With two batch sizes or more, each size is then timed ``repeats`` times (the
+        fastest counts: it is the cost without interference) and a line through the
+        smallest and the largest gives :attr:`batch_overhead_s`, what a batch costs
+        whatever its size (runtime calls, stage hand-offs, the answers' bookkeeping).
+        """
         c, h, w = self.checkpoint.input_spec.shape
-        for b in batch_sizes:
+        best: dict[int, float] = {}
+        for b in sorted(set(batch_sizes)):
             x = torch.zeros((b, c, h, w), dtype=torch.float32)
-            self.run(x, torch.zeros((b, self.num_exits - 1)))
+            t = torch.zeros((b, self.num_exits - 1))
+            self.run(x, t)  # the first run allocates (and on CUDA compiles)
+            for _ in range(repeats if len(set(batch_sizes)) > 1 else 0):
+                start = time.perf_counter()
+                self.run(x, t)  # ends with a copy to the host: synchronised on CUDA
+                best[b] = min(best.get(b, math.inf), time.perf_counter() - start)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+        if len(best) >= 2:
+            small, large = min(best), max(best)
+            per_image = (best[large] - best[small]) / (large - small)
+            self.batch_overhead_s = max(0.0, best[small] - small * per_image)
 
 
 class AnswerSink(Protocol):
@@ -292,6 +310,14 @@ class Batcher:
         max_queue: images waiting at most; a request that does not fit is refused whole.
         early_release: answer each image as soon as its exit is decided, not at the end
             of its batch.
+        adaptive_delay: an idle engine waits for a batch to fill at most the engine's
+            per-batch fixed cost (``Engine.batch_overhead_s``, measured at warm-up), when
+            that is shorter than ``max_delay_s``. Waiting can save at most one batch's
+            fixed cost (the images that would have come into it run in the next batch
+            instead), while the engine idles all the time it waits; so waiting longer
+            than that fixed cost cannot pay. Waiting up to it, then running, is the
+            ski-rental rule: never more than twice the idle time of the best wait in
+            hindsight.
     """
 
     shadow: AnswerSink | None = None  # set by service.shadow.attach
@@ -306,8 +332,11 @@ class Batcher:
         max_delay_s: float,
         max_queue: int,
         early_release: bool = True,
+        adaptive_delay: bool = False,
     ) -> None:
         self.name = name
+        self.adaptive_delay = adaptive_delay
+        self._wait_limit_shown: float | None = None
         self.early_release = early_release
         self.source = source
         self.metrics = metrics
@@ -392,6 +421,7 @@ class Batcher:
 
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
+        self.wait_limit()  # exported from the start, not only once a batch runs
         while True:
             batch = await self._next_batch()
             if batch is None:
@@ -425,6 +455,21 @@ class Batcher:
             if not item.future.done():
                 item.future.set_result(out)
 
+    def wait_limit(self) -> float:
+        """How long the oldest queued image waits for its batch to fill (the engine is
+        idle meanwhile): ``max_delay_s``, or with ``adaptive_delay`` the engine's
+        per-batch fixed cost when that is shorter. Exported as
+        ``branchy_batch_wait_limit_seconds``."""
+        limit = self.max_delay_s
+        if self.adaptive_delay:
+            overhead = getattr(self.source.snapshot()[0], "batch_overhead_s", None)
+            if overhead is not None:
+                limit = min(limit, overhead)
+        if limit != self._wait_limit_shown:
+            self._wait_limit_shown = limit
+            self.metrics.batch_wait_limit.labels(self.name).set(limit)
+        return limit
+
     async def _next_batch(self) -> list[_Item] | None:
         while True:
             while not self._items:
@@ -433,8 +478,9 @@ class Batcher:
                 self._wakeup.clear()
                 await self._wakeup.wait()
             # Wait until the batch is full or the oldest image has waited long enough.
+            limit = self.wait_limit()
             while len(self._items) < self.max_batch_size and not self._closing:
-                remaining = self._items[0].enqueued + self.max_delay_s - time.monotonic()
+                remaining = self._items[0].enqueued + limit - time.monotonic()
                 if remaining <= 0:
                     break
                 self._wakeup.clear()

@@ -51,6 +51,7 @@ _SERIES: dict[
     "exits": (Counter, "branchy_exit", _MODEL_EXIT, ()),
     "rejected": (Counter, "branchy_rejected", ("model", "reason"), ()),
     "queue_depth": (Gauge, "branchy_queue_depth", _MODEL, ()),
+    "batch_wait_limit": (Gauge, "branchy_batch_wait_limit_seconds", _MODEL, ()),
     "threshold": (Gauge, "branchy_threshold", _MODEL_EXIT, ()),
     "model_info": (Gauge, "branchy_model_info", _INFO_LABELS, ()),
     "load_failed": (Gauge, "branchy_model_load_failed", _MODEL, ()),
@@ -66,6 +67,7 @@ _HELP = {
     "exits": "Images classified, by the exit they took.",
     "rejected": "Requests refused, by reason.",
     "queue_depth": "Images waiting for a batch.",
+    "batch_wait_limit": "Longest wait of the oldest queued image for its batch to fill.",
     "threshold": "Entropy threshold in force at each early exit.",
     "model_info": "Loaded model (value 1), with the runtime and precision that serve it.",
     "load_failed": "1 while a model of the repository failed to load and is not served, else 0.",
@@ -101,6 +103,7 @@ class Metrics:
     exits: Counter
     rejected: Counter
     queue_depth: Gauge
+    batch_wait_limit: Gauge
     threshold: Gauge
     model_info: Gauge
     load_failed: Gauge

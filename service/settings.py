@@ -30,6 +30,7 @@ _BATCHER_OPTIONS = {
     "max_delay_s": "max_batch_delay_s",
     "max_queue": "max_queue",
     "early_release": "early_release",
+    "adaptive_delay": "adaptive_batch_delay",
 }
 
 
@@ -45,6 +46,10 @@ class Settings(BaseSettings):
         port: TCP port uvicorn binds.
         max_batch_size: images per model batch at most.
         max_batch_delay_ms: how long the oldest queued image may wait for a batch to fill.
+        adaptive_batch_delay: wait for a batch to fill no longer than the model's
+            per-batch fixed cost, measured at warm-up, when that is shorter than
+            ``max_batch_delay_ms`` (waiting longer idles the model for more than the
+            wait can save; ``service.batcher.Batcher``). Needs ``warmup_batches`` >= 2.
         max_queue: images waiting per model at most; beyond that requests get 503.
         max_concurrent_requests: requests carrying images in progress at once at most
             (bounds memory held by bodies being read and decoded); beyond that 503.
@@ -124,6 +129,7 @@ class Settings(BaseSettings):
     port: int = Field(default=8000, ge=0, le=65535)
     max_batch_size: int = Field(default=64, ge=1, le=4096)
     max_batch_delay_ms: float = Field(default=2.0, ge=0, le=10_000)
+    adaptive_batch_delay: bool = True
     max_queue: int = Field(default=1024, ge=1)
     max_concurrent_requests: int = Field(default=512, ge=1)
     request_timeout_s: float = Field(default=10.0, gt=0, le=3600)

@@ -22,6 +22,7 @@ from service.batcher import Batcher, Classified, Engine, split_on_oom
 from service.errors import ModelChanged
 from service.metrics import Metrics
 from service.preprocess import pixel_inputs
+from service.settings import Settings
 from tests.service.conftest import CIFAR, MNIST, TOKEN, encode, offline_input, random_pixels
 
 PNG = {"content-type": "image/png"}
@@ -363,3 +364,69 @@ def test_pixels_are_normalised_with_their_batch_exactly_as_offline(model_repo: P
         assert len({a.batch_size for a in got}) == 1  # one batch
         assert [a.exit_index for a in got] == want.exit_index.tolist()
         assert torch.equal(torch.stack([a.probabilities for a in got]), want.probabilities)
+
+
+def test_warm_up_measures_what_a_batch_costs_whatever_its_size(model_repo: Path) -> None:
+    engine = Engine(load_checkpoint(model_repo / "b-alexnet"), torch.device("cpu"))
+    engine.warm_up([1])  # one size: nothing to draw a line through
+    assert engine.batch_overhead_s is None
+    engine.warm_up([1, 32])
+    overhead = engine.batch_overhead_s
+    assert overhead is not None
+    # non-negative, and below what a batch of one costs all told
+    start = time.perf_counter()
+    engine.run(torch.zeros((1, *CIFAR.shape)), torch.zeros((1, 2)))
+    assert 0.0 <= overhead <= 5 * (time.perf_counter() - start) + 1e-3
+
+
+def _first_wait(engine: Engine, *, max_delay_s: float, adaptive: bool) -> tuple[float, float]:
+    """(queue wait of a lone image, the exported wait limit) on a batcher that starts idle."""
+    source = _Swappable(engine, (0.1, 0.2))
+    metrics = Metrics()
+
+    async def scenario() -> Classified:
+        batcher = Batcher(
+            "m",
+            source,
+            metrics,
+            max_batch_size=64,
+            max_delay_s=max_delay_s,
+            max_queue=64,
+            adaptive_delay=adaptive,
+        )
+        batcher.start()
+        pixels = pixel_inputs(random_pixels(CIFAR, 1, seed=6))
+        (future,) = batcher.submit(pixels, deadline=time.monotonic() + 60)
+        answer = await future
+        await batcher.stop()
+        return answer
+
+    answer = asyncio.run(scenario())
+    limit = metrics.registry.get_sample_value("branchy_batch_wait_limit_seconds", {"model": "m"})
+    assert limit is not None
+    return answer.queue_wait_s, limit
+
+
+def test_an_idle_engine_waits_for_a_batch_no_longer_than_a_batch_costs(model_repo: Path) -> None:
+    """With the adaptive delay a lone image waits at most the engine's fixed cost per
+    batch, not the whole max delay; without it (or with no measured cost) the max delay."""
+    engine = Engine(load_checkpoint(model_repo / "b-alexnet"), torch.device("cpu"))
+    assert _first_wait(engine, max_delay_s=0.3, adaptive=True) >= (0.3, 0.3)  # not measured
+    engine.warm_up([1, 16])
+    overhead = engine.batch_overhead_s
+    assert overhead is not None and overhead < 0.1
+    wait, limit = _first_wait(engine, max_delay_s=3.0, adaptive=True)
+    assert limit == overhead
+    assert wait < 1.0  # far below the 3 s max delay (the overhead plus scheduling)
+    wait, limit = _first_wait(engine, max_delay_s=0.3, adaptive=False)
+    assert limit == 0.3 and wait >= 0.3
+    # a max delay shorter than the fixed cost stays the limit
+    assert _first_wait(engine, max_delay_s=0.0, adaptive=True)[1] == 0.0
+
+
+def test_adaptive_batch_delay_setting_reaches_the_batcher(
+    make_settings: Callable[..., Settings],
+) -> None:
+    assert make_settings().batcher_options()["adaptive_delay"] is True
+    off = make_settings(adaptive_batch_delay=False)
+    assert off.batcher_options()["adaptive_delay"] is False
