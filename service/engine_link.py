@@ -42,12 +42,13 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
 from models.checkpoint import InputSpec
 from service import intake
+from service.batcher import Classified
 from service.deps import AppState
 from service.errors import (
     REJECT_REASONS,
@@ -57,6 +58,7 @@ from service.errors import (
     new_error_id,
 )
 from service.metrics import Metrics
+from service.repository import ServedModel
 
 logger = logging.getLogger(__name__)
 
@@ -80,21 +82,135 @@ class CatalogEntry:
     input_spec: InputSpec
 
 
-async def read_frame(reader: asyncio.StreamReader) -> Any:
-    """The next message, or None at the end of the stream."""
-    try:
-        head = await reader.readexactly(_LENGTH.size)
-        (size,) = _LENGTH.unpack(head)
-        return pickle.loads(await reader.readexactly(size))
-    except asyncio.IncompleteReadError:
-        return None
+class _Framed(asyncio.Protocol):
+    """One end of a link connection: frames in, frames out.
+
+    Every complete frame that arrives goes to :meth:`on_message` at once, several per read
+    when they come together (no reader task, no await per frame). Frames sent in one turn
+    of the event loop leave in one write: the answers of a batch cost one system call
+    and wake the other end once, not once per request.
+    """
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self._inbox = bytearray()
+        self._outbox: list[bytes] = []
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+
+    def data_received(self, data: bytes) -> None:
+        inbox = self._inbox
+        inbox += data
+        at, end = 0, len(inbox)
+        while end - at >= _LENGTH.size:
+            (size,) = _LENGTH.unpack_from(inbox, at)
+            body = at + _LENGTH.size
+            if end - body < size:
+                break
+            message = pickle.loads(inbox[body : body + size])
+            at = body + size
+            try:
+                self.on_message(message)
+            except Exception:
+                error_id = new_error_id()
+                logger.exception("engine link: a %r message failed [id %s]", message[0], error_id)
+        del inbox[:at]
+
+    def on_message(self, message: tuple[Any, ...]) -> None:
+        raise NotImplementedError
+
+    def send(self, message: tuple[Any, ...]) -> None:
+        """Queue a frame; it leaves with the others of this turn of the loop. Dropped when
+        the other end is gone: nobody waits for it any more."""
+        if self.transport is None or self.transport.is_closing():
+            return
+        if not self._outbox:
+            asyncio.get_running_loop().call_soon(self._flush)
+        data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+        self._outbox += (_LENGTH.pack(len(data)), data)
+
+    def _flush(self) -> None:
+        frames, self._outbox = self._outbox, []
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(b"".join(frames))
 
 
-def write_frame(writer: asyncio.StreamWriter, message: tuple[Any, ...]) -> None:
-    if writer.is_closing():
-        return  # the other end is gone: nobody waits for this answer any more
-    data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
-    writer.writelines((_LENGTH.pack(len(data)), data))
+class _FrontEndConnection(_Framed):
+    """The main process's side of one front end's connection."""
+
+    def __init__(self, server: LinkServer) -> None:
+        super().__init__()
+        self.server = server
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.server._connections.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)  # the front end went away (restarted, or stopping)
+        self.server._connections.discard(self)
+
+    def on_message(self, message: tuple[Any, ...]) -> None:
+        self.server._dispatch(message, self)
+
+
+class _Request:
+    """A front end's classify request in flight: answered when its last image is, when
+    one fails, or when its wait runs out (a timer, not a task per request)."""
+
+    __slots__ = ("conn", "done", "futures", "k", "left", "model", "rid", "server", "timer")
+
+    def __init__(
+        self,
+        server: LinkServer,
+        conn: _FrontEndConnection,
+        model: ServedModel,
+        rid: int,
+        k: int | None,
+        futures: list[asyncio.Future[Classified]],
+        wait: float,
+    ) -> None:
+        self.server, self.conn, self.model, self.rid, self.k = server, conn, model, rid, k
+        self.futures, self.left, self.done = futures, len(futures), False
+        self.timer = asyncio.get_running_loop().call_later(wait, self._answer, True)
+        server._open.add(self)
+        for f in futures:
+            f.add_done_callback(self._image_done)
+
+    def _image_done(self, future: asyncio.Future[Classified]) -> None:
+        self.left -= 1
+        failed = future.cancelled() or future.exception() is not None
+        if not self.done and (failed or self.left == 0):
+            self._answer(False)
+
+    def _answer(self, timed_out: bool) -> None:
+        self.done = True
+        self.timer.cancel()
+        server, model = self.server, self.model
+        server._open.discard(self)
+        if not server._open:
+            server._idle.set()
+        reply: tuple[Any, ...]
+        try:
+            answers = intake.settle(self.futures, server.state.settings, timed_out=timed_out)
+            names = answers[0].class_names
+            same = names is model.checkpoint.class_names or tuple(names) == tuple(
+                model.checkpoint.class_names
+            )
+            reply = (
+                "ok",
+                self.rid,
+                intake.answer_rows(answers, self.k),
+                None if same else tuple(names),
+                answers[0].thresholds,
+            )
+        except Exception as exc:
+            reply = server._failure(exc, model.name, self.rid)
+        self.conn.send(reply)
 
 
 class LinkServer:
@@ -109,33 +225,41 @@ class LinkServer:
         self.state = state
         self.path = path
         self._server: asyncio.Server | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._writers: set[asyncio.StreamWriter] = set()
+        self._connections: set[_FrontEndConnection] = set()
+        self._open: set[_Request] = set()  # classify requests not answered yet
+        self._idle = asyncio.Event()
         self._flushes: dict[int, asyncio.Future[None]] = {}
         self._tokens = itertools.count()
         state.metrics.relayed = self.collect
 
     async def start(self) -> None:
-        self._server = await asyncio.start_unix_server(self._serve, path=str(self.path))
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_unix_server(
+            lambda: _FrontEndConnection(self), path=str(self.path)
+        )
         os.chmod(self.path, 0o600)
 
     async def stop(self) -> None:
         """Stop listening, and let answers still being computed finish."""
         if self._server is not None:
             self._server.close()
-        if self._tasks:
-            await asyncio.wait(set(self._tasks), timeout=intake.COMPUTE_GRACE_S)
+        if self._open:
+            self._idle.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(intake.COMPUTE_GRACE_S):
+                    await self._idle.wait()
+        await asyncio.sleep(0)  # the last answers' frames leave
 
     async def collect(self, timeout_s: float = 1.0) -> None:
         """Have every front end send the request metrics it has not sent yet, and wait
         for them (at most ``timeout_s``: a busy or stuck front end delays no scrape)."""
         waiting = []
         loop = asyncio.get_running_loop()
-        for writer in list(self._writers):
+        for conn in list(self._connections):
             token = next(self._tokens)
             self._flushes[token] = loop.create_future()
             waiting.append(self._flushes[token])
-            write_frame(writer, ("flush", token))
+            conn.send(("flush", token))
         if waiting:
             await asyncio.wait(waiting, timeout=timeout_s)
         for future in waiting:
@@ -158,65 +282,56 @@ class LinkServer:
             )
         return entries
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._writers.add(writer)
-        try:
-            while (message := await read_frame(reader)) is not None:
-                kind = message[0]
-                if kind == "classify":
-                    task = asyncio.create_task(self._classify(message, writer))
-                    self._tasks.add(task)
-                    task.add_done_callback(self._tasks.discard)
-                elif kind == "catalog":
-                    write_frame(writer, ("catalog", message[1], self.catalog()))
-                elif kind == "requests":
-                    apply_records(self.state.metrics, message[1])
-                elif kind == "flushed":
-                    apply_records(self.state.metrics, message[2])
-                    flush = self._flushes.get(message[1])
-                    if flush is not None and not flush.done():
-                        flush.set_result(None)
-                else:
-                    logger.warning("engine link: unknown message %r ignored", str(kind)[:40])
-        except (ConnectionError, OSError):
-            pass  # the front end went away (it is restarted, or the server stops)
-        finally:
-            self._writers.discard(writer)
-            writer.close()
+    def _dispatch(self, message: tuple[Any, ...], conn: _FrontEndConnection) -> None:
+        kind = message[0]
+        if kind == "classify":
+            self._classify(message, conn)
+        elif kind == "catalog":
+            conn.send(("catalog", message[1], self.catalog()))
+        elif kind == "requests":
+            apply_records(self.state.metrics, message[1])
+        elif kind == "flushed":
+            apply_records(self.state.metrics, message[2])
+            flush = self._flushes.get(message[1])
+            if flush is not None and not flush.done():
+                flush.set_result(None)
+        else:
+            logger.warning("engine link: unknown message %r ignored", str(kind)[:40])
 
-    async def _classify(self, message: tuple[Any, ...], writer: asyncio.StreamWriter) -> None:
+    def _classify(self, message: tuple[Any, ...], conn: _FrontEndConnection) -> None:
         _, rid, name, generation, started, thresholds, k, shape, data = message
-        reply: tuple[Any, ...]
         model = self.state.models.models.get(name)
         if model is None or model.batcher is None or model.generation != generation:
-            write_frame(writer, ("stale", rid))
+            conn.send(("stale", rid))
             return
         try:
             pixels = np.frombuffer(data, dtype=np.uint8).reshape(shape)
-            inputs = intake.pixel_inputs(pixels)
-            answers = await intake.classify(
-                model, inputs, self.state.settings, started=started, thresholds=thresholds
+            futures, wait = intake.submit(
+                model,
+                intake.pixel_inputs(pixels),
+                self.state.settings,
+                started=started,
+                thresholds=thresholds,
             )
-            names = answers[0].class_names
-            same = names is model.checkpoint.class_names or tuple(names) == tuple(
-                model.checkpoint.class_names
-            )
-            reply = (
-                "ok",
-                rid,
-                intake.answer_rows(answers, k),
-                None if same else tuple(names),
-                answers[0].thresholds,
-            )
-        except ServiceError as exc:
+        except Exception as exc:
+            conn.send(self._failure(exc, name, rid))
+            return
+        _Request(self, conn, model, rid, k, futures, wait)
+
+    def _failure(self, exc: Exception, name: str, rid: int) -> tuple[Any, ...]:
+        """The ("error", ...) answer for a classify request that failed with ``exc``."""
+        if isinstance(exc, ServiceError):
             error_id = log_service_error(exc, "POST", f"/v1/models/{name}/classify")
             count_rejection(self.state.metrics, name, exc.code)
-            reply = ("error", rid, exc.status, exc.code, exc.message, exc.headers, error_id)
-        except Exception:
-            error_id = new_error_id()
-            logger.exception("engine link: classify for model %r failed [id %s]", name, error_id)
-            reply = ("error", rid, 500, "internal", "internal server error", {}, error_id)
-        write_frame(writer, reply)
+            return ("error", rid, exc.status, exc.code, exc.message, exc.headers, error_id)
+        error_id = new_error_id()
+        logger.error(
+            "engine link: classify for model %r failed [id %s]",
+            name,
+            error_id,
+            exc_info=(type(exc), exc, exc.__traceback__),
+        )
+        return ("error", rid, 500, "internal", "internal server error", {}, error_id)
 
 
 def apply_records(metrics: Metrics, records: Sequence[tuple[Any, ...]]) -> None:
@@ -236,6 +351,26 @@ class LinkLost(ConnectionError):
     """The main process closed the link (it stopped or died)."""
 
 
+class _EngineConnection(_Framed):
+    """A front end's side of its connection."""
+
+    def __init__(self, link: EngineLink) -> None:
+        super().__init__()
+        self.link = link
+
+    def on_message(self, message: tuple[Any, ...]) -> None:
+        if message[0] == "flush":
+            self.link.on_flush(message[1])
+            return
+        future = self.link._pending.get(message[1])
+        if future is not None and not future.done():
+            future.set_result(message)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        self.link._closed()
+
+
 class EngineLink:
     """A front end's end of the link: one connection, many requests in flight.
 
@@ -246,8 +381,7 @@ class EngineLink:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.lost = asyncio.Event()
-        self._writer: asyncio.StreamWriter | None = None
-        self._reader_task: asyncio.Task[None] | None = None
+        self._conn: _EngineConnection | None = None
         self._pending: dict[int, asyncio.Future[tuple[Any, ...]]] = {}
         self._ids = itertools.count()
         # Called with the token of the main process's ("flush", token) message.
@@ -259,24 +393,31 @@ class EngineLink:
         Raises:
             LinkLost: no connection within ``timeout_s``.
         """
+        loop = asyncio.get_running_loop()
         deadline = time.monotonic() + timeout_s
         while True:
             try:
-                reader, self._writer = await asyncio.open_unix_connection(str(self.path))
-                break
+                _, self._conn = await loop.create_unix_connection(
+                    lambda: _EngineConnection(self), str(self.path)
+                )
+                return
             except OSError:
                 if time.monotonic() > deadline:
                     raise LinkLost(f"no engine link at {self.path} after {timeout_s} s") from None
                 await asyncio.sleep(0.05)
-        self._reader_task = asyncio.create_task(self._read(reader), name="engine-link")
 
     async def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-        if self._reader_task is not None:
-            self._reader_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reader_task
+        conn = self._conn
+        if conn is not None and conn.transport is not None:
+            conn._flush()  # what is queued still leaves (the last request metrics)
+            conn.transport.close()
+            await asyncio.sleep(0)  # connection_lost runs
+
+    def _closed(self) -> None:
+        self.lost.set()
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(LinkLost("the engine link closed"))
 
     async def call(self, kind: str, *args: Any) -> tuple[Any, ...]:
         """Send a request and wait for its answer.
@@ -284,35 +425,18 @@ class EngineLink:
         Raises:
             LinkLost: the main process is gone.
         """
-        if self.lost.is_set() or self._writer is None:
+        if self.lost.is_set() or self._conn is None:
             raise LinkLost("the engine link is closed")
         rid = next(self._ids)
         future: asyncio.Future[tuple[Any, ...]] = asyncio.get_running_loop().create_future()
         self._pending[rid] = future
         try:
-            write_frame(self._writer, (kind, rid, *args))
+            self._conn.send((kind, rid, *args))
             return await future
         finally:
             self._pending.pop(rid, None)
 
     def send(self, kind: str, *args: Any) -> None:
         """Send a message that has no answer (request metrics)."""
-        if self._writer is not None and not self.lost.is_set():
-            write_frame(self._writer, (kind, *args))
-
-    async def _read(self, reader: asyncio.StreamReader) -> None:
-        try:
-            while (message := await read_frame(reader)) is not None:
-                if message[0] == "flush":
-                    self.on_flush(message[1])
-                    continue
-                future = self._pending.get(message[1])
-                if future is not None and not future.done():
-                    future.set_result(message)
-        except (ConnectionError, OSError):
-            pass
-        finally:
-            self.lost.set()
-            for future in self._pending.values():
-                if not future.done():
-                    future.set_exception(LinkLost("the engine link closed"))
+        if self._conn is not None and not self.lost.is_set():
+            self._conn.send((kind, *args))

@@ -224,6 +224,74 @@ def _retrieve(task: asyncio.Future[list[np.ndarray]]) -> None:
         task.exception()  # abandoned work: its outcome is no longer anyone's answer
 
 
+def submit(
+    model: ServedModel,
+    inputs: Sequence[Tensor],
+    settings: Settings,
+    *,
+    started: float,
+    thresholds: tuple[float, ...] | None = None,
+) -> tuple[list[asyncio.Future[Classified]], float]:
+    """Queue ``inputs`` on the model's batcher: the first half of :func:`classify`, for
+    callers that wait without a coroutine (``service.engine_link``).
+
+    Returns:
+        The images' futures, and how long from now to wait for them at most (the
+        request's deadline plus :data:`COMPUTE_GRACE_S`, for a batch already computing);
+        then :func:`settle` them.
+
+    Raises:
+        NotReady, QueueFull, ShuttingDown, ModelChanged: from the batcher.
+    """
+    if model.batcher is None:
+        raise NotReady(f"model {model.name!r} is not ready")
+    deadline = started + settings.request_timeout_s
+    futures = model.batcher.submit(inputs, deadline=deadline, thresholds=thresholds)
+    return futures, max(0.0, deadline - time.monotonic()) + COMPUTE_GRACE_S
+
+
+def abandon(futures: Sequence[asyncio.Future[Classified]]) -> None:
+    """Cancel the images not answered yet (the batcher skips them) and mark the failed
+    ones' errors retrieved: one failure already answers the whole request."""
+    for f in futures:
+        if not f.done():
+            f.cancel()
+        elif not f.cancelled():
+            f.exception()
+
+
+def settle(
+    futures: Sequence[asyncio.Future[Classified]], settings: Settings, *, timed_out: bool
+) -> list[Classified]:
+    """A request's answers once every image is answered, one failed, or the wait of
+    :func:`submit` ran out (``timed_out``).
+
+    Raises:
+        DeadlineExceeded: the wait ran out.
+        NonFiniteOutput: an answer is NaN or infinite.
+        Any image's failure (QueueFull, ShuttingDown, DeadlineExceeded, InternalError
+        from the batcher), the first one in image order.
+    """
+    abandon(futures)
+    if timed_out:
+        raise DeadlineExceeded(
+            f"no answer within the request timeout of {settings.request_timeout_s} s"
+        )
+    for f in futures:
+        if not f.cancelled() and (error := f.exception()) is not None:
+            raise error
+    answers = [f.result() for f in futures]
+    # finite: computed once per batch exit by the batcher
+    not_finite = [i for i, a in enumerate(answers) if not a.finite]
+    if not_finite:
+        shown = ", ".join(str(i) for i in not_finite[:10])
+        raise NonFiniteOutput(
+            f"the network's output for image(s) {shown} is not finite (NaN or infinite "
+            "logits): the input values are too large for float32 arithmetic"
+        )
+    return answers
+
+
 async def classify(
     model: ServedModel,
     inputs: Sequence[Tensor],
@@ -243,40 +311,23 @@ async def classify(
         thresholds: the request's own thresholds.
 
     Raises:
-        QueueFull, ShuttingDown, DeadlineExceeded, InternalError: from the batcher.
+        What :func:`submit` and :func:`settle` raise.
     """
-    if model.batcher is None:
-        raise NotReady(f"model {model.name!r} is not ready")
-    deadline = started + settings.request_timeout_s
-    futures = model.batcher.submit(inputs, deadline=deadline, thresholds=thresholds)
-    wait = max(0.0, deadline - time.monotonic()) + COMPUTE_GRACE_S
+    futures, wait = submit(model, inputs, settings, started=started, thresholds=thresholds)
+    timed_out = False
     try:
         # asyncio.timeout, not wait_for, and a lone future awaited as it is: no extra
         # task per request on the hot path
         async with asyncio.timeout(wait):
-            if len(futures) == 1:
-                answers = [await futures[0]]
-            else:
-                answers = list(await asyncio.gather(*futures))
+            await (futures[0] if len(futures) == 1 else asyncio.gather(*futures))
     except TimeoutError:
-        raise DeadlineExceeded(
-            f"no answer within the request timeout of {settings.request_timeout_s} s"
-        ) from None
-    finally:
-        for f in futures:
-            if not f.done():
-                f.cancel()  # the batcher skips abandoned images
-            elif not f.cancelled():
-                f.exception()  # mark retrieved: one failure already answers the request
-    # finite: computed once per batch exit by the batcher
-    not_finite = [i for i, a in enumerate(answers) if not a.finite]
-    if not_finite:
-        shown = ", ".join(str(i) for i in not_finite[:10])
-        raise NonFiniteOutput(
-            f"the network's output for image(s) {shown} is not finite (NaN or infinite "
-            "logits): the input values are too large for float32 arithmetic"
-        )
-    return answers
+        timed_out = True
+    except Exception:  # an image failed: settle raises its error
+        pass
+    except BaseException:  # cancelled: the client went away
+        abandon(futures)
+        raise
+    return settle(futures, settings, timed_out=timed_out)
 
 
 # One image's answer as a response needs it: class index, confidence, entropy, exit
