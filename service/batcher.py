@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Protocol, overload
+from typing import Any, Protocol, overload
 
 import torch
 from torch import Tensor
@@ -245,7 +245,9 @@ class Engine:
 class AnswerSink(Protocol):
     """Sees every batch's answers after they are computed (the shadow monitor)."""
 
-    def offer(self, engine: Engine, answers: Sequence[tuple[Tensor, Classified]]) -> None: ...
+    def offer(self, engine: Engine, x: Tensor, answers: Sequence[tuple[int, Classified]]) -> None:
+        """``answers``: (row of ``x``, the answer) pairs of one batch."""
+        ...
 
 
 class ModelSource(Protocol):
@@ -556,57 +558,94 @@ class Batcher:
         per_sample = [item.thresholds if item.thresholds is not None else shared for item in batch]
         t = torch.tensor(per_sample, dtype=torch.float32).reshape(n, e)
         x = _batch_input(engine, batch)
-        m, name = self.metrics, self.name
-        names = engine.checkpoint.class_names
-        answered = [False] * n  # an out-of-memory retry may release a sample twice
         start = time.perf_counter()
+        if self.early_release:
+            answered = [False] * n  # an out-of-memory retry may release a sample twice
 
-        def release(rows: Tensor, exit_index: int, logits: Tensor, entropy: Tensor) -> None:
-            # Once per exit of the batch: tensors turned into Python lists in one call
-            # each and metric children resolved once, not per image.
-            elapsed = time.perf_counter() - start
-            probs = torch.softmax(logits.float(), dim=1).cpu()
-            conf, cls = probs.max(dim=1)
-            ent_t = entropy.float().cpu()
-            finite = (probs.isfinite().all(dim=1) & ent_t.isfinite()).tolist()
-            entropies, confs, classes = ent_t.tolist(), conf.tolist(), cls.tolist()
-            ex = str(exit_index)
-            wait_h, entropy_h = m.queue_wait.labels(name), m.exit_entropy.labels(name, ex)
-            answers, fresh = [], []
-            for k, r in enumerate(rows.tolist()):
-                if answered[r]:
-                    continue
-                answered[r] = True
-                fresh.append(r)
-                item, ent = batch[r], entropies[k]
-                wait_h.observe(item.wait_s)
-                entropy_h.observe(ent if math.isfinite(ent) else 0.0)
-                answers.append(
-                    (
-                        item,
-                        Classified(
-                            class_index=classes[k],
-                            confidence=confs[k],
-                            entropy=ent,
-                            exit_index=exit_index,
-                            probabilities=probs[k],
-                            queue_wait_s=item.wait_s,
-                            inference_s=elapsed,
-                            batch_size=n,
-                            thresholds=per_sample[r],
-                            class_names=names,
-                            finite=finite[k],
-                        ),
+            def release(rows: Tensor, exit_index: int, logits: Tensor, entropy: Tensor) -> None:
+                positions = rows.tolist()
+                keep = [k for k, r in enumerate(positions) if not answered[r]]
+                fresh = [positions[k] for k in keep]
+                for r in fresh:
+                    answered[r] = True
+                if len(keep) < len(positions):
+                    logits, entropy = logits[keep], entropy[keep]
+                probs = torch.softmax(logits.float(), dim=1).cpu()
+                deliver(
+                    self._answers(
+                        engine, x, batch, per_sample, fresh, [exit_index] * len(fresh),
+                        probs, entropy.float().cpu(), time.perf_counter() - start,
                     )
-                )
-            if answers:
-                m.exits.labels(name, ex).inc(len(answers))
-            deliver(answers)
-            if self.shadow is not None:  # cheap: samples and queues, never computes here
-                self.shadow.offer(
-                    engine, [(x[r], out) for r, (_, out) in zip(fresh, answers, strict=True)]
-                )
+                )  # fmt: skip
 
-        engine.run(x, t, release)
-        m.inference_duration.labels(name).observe(time.perf_counter() - start)
-        m.batch_size.labels(name).observe(n)
+            engine.run(x, t, release)
+        else:
+            # Answered together at the end: one softmax and one conversion per batch,
+            # not one per exit taken.
+            out = engine.run(x, t)
+            deliver(
+                self._answers(
+                    engine, x, batch, per_sample, list(range(n)), out.exit_index.tolist(),
+                    out.probabilities, out.entropy, time.perf_counter() - start,
+                )
+            )  # fmt: skip
+        self.metrics.inference_duration.labels(self.name).observe(time.perf_counter() - start)
+        self.metrics.batch_size.labels(self.name).observe(n)
+
+    def _answers(
+        self,
+        engine: Engine,
+        x: Tensor,
+        batch: list[_Item],
+        per_sample: list[tuple[float, ...]],
+        rows: list[int],
+        exits: list[int],
+        probs: Tensor,
+        entropy: Tensor,
+        elapsed: float,
+    ) -> list[tuple[_Item, Classified]]:
+        """The answers of the images ``rows`` of the batch (``probs`` and ``entropy`` in
+        the same order), with their metrics, offered to the shadow monitor. Tensors
+        become Python lists in one call each and metric children are resolved once per
+        exit, not per image."""
+        m, name = self.metrics, self.name
+        conf, cls = probs.max(dim=1)
+        finite = (probs.isfinite().all(dim=1) & entropy.isfinite()).tolist()
+        entropies, confs, classes = entropy.tolist(), conf.tolist(), cls.tolist()
+        names = engine.checkpoint.class_names
+        wait_h = m.queue_wait.labels(name)
+        entropy_h: dict[int, Any] = {}
+        counts: collections.Counter[int] = collections.Counter()
+        answers = []
+        for k, r in enumerate(rows):
+            item, ent, ex = batch[r], entropies[k], exits[k]
+            if ex not in entropy_h:
+                entropy_h[ex] = m.exit_entropy.labels(name, str(ex))
+            counts[ex] += 1
+            wait_h.observe(item.wait_s)
+            entropy_h[ex].observe(ent if math.isfinite(ent) else 0.0)
+            answers.append(
+                (
+                    item,
+                    Classified(
+                        class_index=classes[k],
+                        confidence=confs[k],
+                        entropy=ent,
+                        exit_index=ex,
+                        probabilities=probs[k],
+                        queue_wait_s=item.wait_s,
+                        inference_s=elapsed,
+                        batch_size=len(batch),
+                        thresholds=per_sample[r],
+                        class_names=names,
+                        finite=finite[k],
+                    ),
+                )
+            )
+        for ex, count in counts.items():
+            m.exits.labels(name, str(ex)).inc(count)
+        if self.shadow is not None:  # cheap: samples and queues, never computes here
+            self.shadow.offer(
+                engine, x, [(r, out) for r, (_, out) in zip(rows, answers, strict=True)]
+            )
+        return answers

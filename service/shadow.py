@@ -148,29 +148,32 @@ class ShadowMonitor:
 
     # ---------------------------------------------------------------- request side
 
-    def offer(self, engine: Engine, answers: Sequence[tuple[Tensor, Classified]]) -> None:
-        """Sample a batch's answers (called by the batch worker: cheap, never blocks)."""
+    def offer(self, engine: Engine, x: Tensor, answers: Sequence[tuple[int, Classified]]) -> None:
+        """Sample a batch's answers, (row of the batch's input ``x``, answer) pairs
+        (called by the batch worker: cheap, never blocks; only sampled rows are copied)."""
         if self.config.rate <= 0 or self._closing:
             return
         last = engine.num_exits - 1
         dropped = 0
         with self._lock:
             queued_before = len(self._jobs)
-            for x, out in answers:
+            for row, out in answers:
                 if self.config.rate < 1 and self._rng.random() >= self.config.rate:
                     continue
                 if out.exit_index >= last:
                     if self.collect_all and len(self._jobs) < self.config.capacity:
                         # auto-tuning needs every exit's entropy of these too
-                        self._jobs.append(_Job(engine, x.clone(), out.exit_index, out.class_index))
+                        self._jobs.append(
+                            _Job(engine, x[row].clone(), out.exit_index, out.class_index)
+                        )
                     else:
                         self._rows.append(WindowRow(out.exit_index, True))
                         self._dirty = True
                 elif len(self._jobs) >= self.config.capacity:
                     dropped += 1
                 else:
-                    # a copy: x is a view of its whole batch, which it would keep alive
-                    self._jobs.append(_Job(engine, x.clone(), out.exit_index, out.class_index))
+                    # a copy: a row is a view of its whole batch, which it would keep alive
+                    self._jobs.append(_Job(engine, x[row].clone(), out.exit_index, out.class_index))
             if len(self._jobs) > queued_before or self._dirty:
                 self._wakeup.notify()  # the worker re-checks its batch (not on every call)
             queued = len(self._jobs)
