@@ -400,13 +400,15 @@ def summarise_rounds(parts: list[tuple[Cell, float]], num_exits: int) -> dict[st
 class SpawnedServer(ServerProcess):
     """``python -m service`` on a free loopback port, serving one checkpoint."""
 
-    def __init__(self, model_dir: Path, args: argparse.Namespace) -> None:
+    def __init__(
+        self, model_dir: Path, args: argparse.Namespace, env: dict[str, str] | None = None
+    ) -> None:
         self.tmp = Path(tempfile.mkdtemp(prefix="branchy-load-"))
         repo = self.tmp / "repo"
         repo.mkdir()
         (repo / model_dir.name).symlink_to(model_dir.resolve())
         self.token = secrets.token_hex(16)
-        env = {
+        settings = {
             "BRANCHY_MODEL_REPOSITORY": str(repo),
             "BRANCHY_STATE_DIR": str(self.tmp / "state"),
             "BRANCHY_ADMIN_TOKEN": self.token,
@@ -416,8 +418,10 @@ class SpawnedServer(ServerProcess):
             "BRANCHY_STATE_POLL_S": "0",  # one server: nothing to poll for
         }
         if args.torch_threads:
-            env["BRANCHY_TORCH_THREADS"] = str(args.torch_threads)
-        super().__init__(env, log_path=self.tmp / "server.log", name="load", strict=True)
+            settings["BRANCHY_TORCH_THREADS"] = str(args.torch_threads)
+        super().__init__(
+            settings | (env or {}), log_path=self.tmp / "server.log", name="load", strict=True
+        )
 
     def stop(self, timeout: float = 60.0) -> int | None:
         try:

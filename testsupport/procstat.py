@@ -37,6 +37,11 @@ def _tree(pid: int) -> dict[int, float]:
     return tree
 
 
+def tree_pids(pid: int) -> list[int]:
+    """``pid`` and its live descendants, ``pid`` first."""
+    return sorted(_tree(pid), key=lambda p: p != pid)
+
+
 def tree_cpu_seconds(pid: int) -> float:
     """CPU seconds of ``pid`` and its live descendants (an exited child's time is not
     counted)."""

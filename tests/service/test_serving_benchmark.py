@@ -126,3 +126,33 @@ def test_process_tree_cpu_counts_children() -> None:
         os.killpg(parent.pid, signal.SIGKILL)
         parent.wait(30)
     assert during - before > 0.2  # the child's CPU, while the parent itself sleeps
+
+
+def test_profile_steps_name_the_front_end_and_the_engine_link() -> None:
+    """``benchmarks/serving_profile.py`` groups each process's stacks by the innermost
+    frame it recognises: a front end's own work and the link are named, not 'other'."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.serving_profile import group, step_of
+
+    def stack(*frames: str) -> str:
+        return ";".join(f"{f} (/x/{path}:1)" for f, path in frames)
+
+    decode = stack(("FrontEnd._classify", "service/frontend.py"), ("decode", "service/intake.py"),
+                   ("load_pixels", "service/preprocess.py"))  # fmt: skip
+    link = stack(("FrontEnd._classify", "service/frontend.py"),
+                 ("EngineLink.call", "service/engine_link.py"))  # fmt: skip
+    parts = stack(("FrontEnd._classify", "service/frontend.py"),
+                  ("parse_multipart", "service/frontend.py"))  # fmt: skip
+    answer = stack(("_Request._answer", "service/engine_link.py"),
+                   ("classify_body", "service/intake.py"))  # fmt: skip
+    own = stack(("FrontEnd._http", "service/frontend.py"), ("_query", "service/frontend.py"))
+    assert step_of(decode) == "decode (Pillow, normalise)"
+    assert step_of(link) == "engine link (frames, pickling, answers)"
+    assert step_of(parts) == "multipart parsing"
+    assert step_of(answer) == "response JSON (pydantic)"
+    assert step_of(own) == "front end: request handling"
+    total, steps = group(f"{decode} 3\n{link} 1\nnot a sample line\n")
+    assert total == 4 and steps == {
+        "decode (Pillow, normalise)": 3,
+        "engine link (frames, pickling, answers)": 1,
+    }
