@@ -160,3 +160,32 @@ def test_stalled_uploads_are_cut_off_at_the_request_timeout(
     finally:
         for sock in stalled:
             sock.close()
+
+
+def test_an_idle_model_does_not_wait_out_a_long_batch_delay(
+    start_server: Callable[..., ServerProcess],
+) -> None:
+    """Warmed up on two batch sizes, a real server measures what a batch costs whatever
+    its size and waits no longer than that for a lone image, not the 3 s max delay;
+    with BRANCHY_ADAPTIVE_BATCH_DELAY=false it waits the max delay."""
+    image = encode(random_pixels(MNIST, 1)[0])
+    env = {"BRANCHY_WARMUP_BATCHES": "2", "BRANCHY_MAX_BATCH_DELAY_MS": "3000",
+           "BRANCHY_HTTP_WORKERS": "1"}  # fmt: skip
+    for adaptive in (True, False):
+        server = start_server({**env, "BRANCHY_ADAPTIVE_BATCH_DELAY": str(adaptive).lower()})
+        url = f"{server.base_url}/v1/models/b-lenet/classify"
+        with httpx.Client(timeout=30) as c:
+            start = time.monotonic()
+            resp = c.post(url, content=image, headers=PNG)
+            took = time.monotonic() - start
+            assert resp.status_code == 200, resp.text
+            text = c.get(f"{server.base_url}/metrics").text
+        limit = _sample(text, "branchy_batch_wait_limit_seconds", 'model="b-lenet"')
+        wait_ms = resp.json()["results"][0]["queue_wait_ms"]
+        if adaptive:
+            assert 0 <= limit < 0.1, limit  # B-LeNet's fixed cost: well under a millisecond
+            assert took < 1.5 and wait_ms < 1000, (took, wait_ms)
+        else:
+            assert limit == 3.0
+            assert wait_ms >= 3000 and took >= 3.0, (took, wait_ms)
+        server.stop()
