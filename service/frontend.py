@@ -256,7 +256,14 @@ class FrontEnd:
             # The main process answers by the request's deadline; beyond that (and a
             # batch's grace) it is not answering at all.
             timeout=httpx.Timeout(self.settings.request_timeout_s + 2 * intake.COMPUTE_GRACE_S),
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
+            # An idle connection is dropped here well before the main process would
+            # close it (BRANCHY_KEEP_ALIVE_S): reusing one that the other side is
+            # closing fails the forwarded request.
+            limits=httpx.Limits(
+                max_connections=None,
+                max_keepalive_connections=64,
+                keepalive_expiry=self.settings.keep_alive_s / 2,
+            ),
         )
         await self._load_catalog()
         self._tasks = [
@@ -604,6 +611,7 @@ def main(argv: list[str] | None = None) -> None:
         app,
         log_level=settings.log_level.lower(),
         timeout_graceful_shutdown=int(settings.graceful_shutdown_s),
+        timeout_keep_alive=settings.keep_alive_s,
         limit_concurrency=None,
         server_header=False,
     )

@@ -101,6 +101,11 @@ class Settings(BaseSettings):
             requests about 1.8x faster than one process (docs/serving-performance.md).
         warmup_batches: batches run per model at start-up before ``/readyz`` turns 200.
         graceful_shutdown_s: how long SIGTERM waits for accepted requests to finish.
+        keep_alive_s: how long an idle keep-alive connection stays open (uvicorn's
+            default is 5 s). Longer than the connection pools of common clients keep
+            idle connections (httpx 5 s, aiohttp 15 s): a client that reuses a
+            connection just as the server closes it sees a transport error instead of
+            an answer, a race the soak test hit about once a minute at 5 s.
         log_level: Python logging level name.
         shadow_rate: share of served images sampled for shadow monitoring (0 = off);
             sampled early exits are re-run to the final exit off the request path.
@@ -152,6 +157,7 @@ class Settings(BaseSettings):
     http_workers: int = Field(default=1, ge=0, le=64)
     warmup_batches: int = Field(default=2, ge=0, le=100)
     graceful_shutdown_s: float = Field(default=30.0, gt=0)
+    keep_alive_s: int = Field(default=75, ge=1, le=3600)
     log_level: str = "INFO"
     shadow_rate: float = Field(default=0.01, ge=0, le=1, allow_inf_nan=False)
     shadow_queue: int = Field(default=256, ge=1, le=1_000_000)

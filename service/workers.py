@@ -126,6 +126,9 @@ def serve(settings: Settings) -> None:
             uds=str(folder / APP_SOCKET),
             log_level=settings.log_level.lower(),
             timeout_graceful_shutdown=int(settings.graceful_shutdown_s),
+            # the front ends' proxies drop idle connections after half of this
+            # (service.frontend), before this side closes them
+            timeout_keep_alive=settings.keep_alive_s,
             limit_concurrency=None,
             server_header=False,
             access_log=False,  # the front ends log every request, forwarded ones too

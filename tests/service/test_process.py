@@ -189,3 +189,30 @@ def test_an_idle_model_does_not_wait_out_a_long_batch_delay(
             assert limit == 3.0
             assert wait_ms >= 3000 and took >= 3.0, (took, wait_ms)
         server.stop()
+
+
+def test_an_idle_keep_alive_connection_outlives_a_client_pool_expiry(
+    start_server: Callable[..., ServerProcess],
+) -> None:
+    """Uvicorn closes idle connections after 5 s by default, the very time httpx keeps
+    them in its pool: a request sent on one as the server closes it fails in transport
+    (the soak hit this). The server keeps them BRANCHY_KEEP_ALIVE_S (75 s): after 6 s
+    idle the same connection still answers, on the public port and, for a forwarded
+    route, through the front end's proxy connection."""
+    server = start_server()
+    host, port = server.base_url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        for attempt in range(2):
+            if attempt:
+                time.sleep(6)  # longer than uvicorn's and httpx's 5 s
+            sock.sendall(f"GET /v1/models HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+            head = b""
+            while b"\r\n\r\n" not in head:
+                chunk = sock.recv(65536)
+                assert chunk, "the server closed the idle connection"
+                head += chunk
+            assert head.startswith(b"HTTP/1.1 200"), head[:200]
+            length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+            body = head.split(b"\r\n\r\n", 1)[1]
+            while len(body) < length:
+                body += sock.recv(65536)
