@@ -430,3 +430,36 @@ def test_adaptive_batch_delay_setting_reaches_the_batcher(
     assert make_settings().batcher_options()["adaptive_delay"] is True
     off = make_settings(adaptive_batch_delay=False)
     assert off.batcher_options()["adaptive_delay"] is False
+
+
+def test_a_batch_whose_answers_fail_to_build_fails_alone(model_repo: Path) -> None:
+    """An error while a computed batch is answered (here the shadow monitor's sampling)
+    fails that batch's requests with an internal error (500 with an error id), and the
+    next batch is answered."""
+    engine = Engine(load_checkpoint(model_repo / "b-alexnet"), torch.device("cpu"))
+    source = _Swappable(engine, (0.1, 0.2))
+    offers = []
+
+    class Sink:
+        def offer(self, engine: Engine, x: torch.Tensor, answers: list) -> None:
+            offers.append(len(answers))
+            if len(offers) == 1:
+                raise RuntimeError("the shadow broke")
+
+    pixels = pixel_inputs(random_pixels(CIFAR, 8, seed=7))
+
+    async def scenario() -> tuple[list[BaseException | Classified], list[Classified]]:
+        batcher = Batcher("m", source, Metrics(), max_batch_size=4, max_delay_s=0.0,
+                          max_queue=64)  # fmt: skip
+        batcher.shadow = Sink()
+        batcher.start()
+        first = batcher.submit(pixels[:4], deadline=time.monotonic() + 30)
+        second = batcher.submit(pixels[4:], deadline=time.monotonic() + 30)
+        failed = await asyncio.gather(*first, return_exceptions=True)
+        answered = list(await asyncio.gather(*second))
+        await batcher.stop()
+        return failed, answered
+
+    failed, answered = asyncio.run(scenario())
+    assert all(isinstance(f, service.batcher.InternalError) for f in failed), failed
+    assert [a.batch_size for a in answered] == [4] * 4 and offers == [4, 4]
