@@ -80,14 +80,7 @@ def main() -> None:
         app,
         host=settings.host,
         port=settings.port,
-        log_level=settings.log_level.lower(),
-        # SIGTERM: stop accepting, let accepted requests finish (up to this long), then
-        # run the lifespan shutdown, which drains the batchers.
-        timeout_graceful_shutdown=int(settings.graceful_shutdown_s),
-        timeout_keep_alive=settings.keep_alive_s,
-        # Uvicorn's own connection limit answers with plain text; ours (JSON) is in the app.
-        limit_concurrency=None,
-        server_header=False,
+        **settings.uvicorn_options(),
     )
 
 

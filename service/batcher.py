@@ -225,12 +225,13 @@ class Engine:
         whatever its size (runtime calls, stage hand-offs, the answers' bookkeeping).
         """
         c, h, w = self.checkpoint.input_spec.shape
+        sizes = sorted(set(batch_sizes))
         best: dict[int, float] = {}
-        for b in sorted(set(batch_sizes)):
+        for b in sizes:
             x = torch.zeros((b, c, h, w), dtype=torch.float32)
             t = torch.zeros((b, self.num_exits - 1))
             self.run(x, t)  # the first run allocates (and on CUDA compiles)
-            for _ in range(repeats if len(set(batch_sizes)) > 1 else 0):
+            for _ in range(repeats if len(sizes) > 1 else 0):
                 start = time.perf_counter()
                 self.run(x, t)  # ends with a copy to the host: synchronised on CUDA
                 best[b] = min(best.get(b, math.inf), time.perf_counter() - start)

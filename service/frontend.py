@@ -607,14 +607,7 @@ def main(argv: list[str] | None = None) -> None:
         workers=args.workers,
         on_lost=lost,
     )
-    config = uvicorn.Config(
-        app,
-        log_level=settings.log_level.lower(),
-        timeout_graceful_shutdown=int(settings.graceful_shutdown_s),
-        timeout_keep_alive=settings.keep_alive_s,
-        limit_concurrency=None,
-        server_header=False,
-    )
+    config = uvicorn.Config(app, **settings.uvicorn_options())
     server = uvicorn.Server(config)
     listener = socket.socket(fileno=args.fd)
     server.run(sockets=[listener])

@@ -226,6 +226,23 @@ class Settings(BaseSettings):
         """The keyword options of ``service.batcher.Engine`` these settings choose."""
         return {option: getattr(self, name) for option, name in _ENGINE_OPTIONS.items()}
 
+    def uvicorn_options(self) -> dict[str, Any]:
+        """What every uvicorn server of the service runs with: the single process, the
+        main process's private socket and each front end."""
+        return {
+            "log_level": self.log_level.lower(),
+            # SIGTERM: stop accepting, let accepted requests finish (up to this long),
+            # then run the lifespan shutdown (the batchers drain).
+            "timeout_graceful_shutdown": int(self.graceful_shutdown_s),
+            # Idle keep-alive connections outlive common clients' pools (see
+            # ``keep_alive_s``); a front end's proxy drops its own after half of this.
+            "timeout_keep_alive": self.keep_alive_s,
+            # Uvicorn's own connection limit answers with plain text; ours (JSON) is in
+            # the app.
+            "limit_concurrency": None,
+            "server_header": False,
+        }
+
     def batcher_options(self) -> dict[str, Any]:
         """The keyword options of ``service.batcher.Batcher`` these settings choose."""
         return {option: getattr(self, name) for option, name in _BATCHER_OPTIONS.items()}

@@ -124,13 +124,7 @@ def serve(settings: Settings) -> None:
         config = uvicorn.Config(
             app,
             uds=str(folder / APP_SOCKET),
-            log_level=settings.log_level.lower(),
-            timeout_graceful_shutdown=int(settings.graceful_shutdown_s),
-            # the front ends' proxies drop idle connections after half of this
-            # (service.frontend), before this side closes them
-            timeout_keep_alive=settings.keep_alive_s,
-            limit_concurrency=None,
-            server_header=False,
+            **settings.uvicorn_options(),
             access_log=False,  # the front ends log every request, forwarded ones too
         )
         server = Supervisor(config, settings, listener, folder)
