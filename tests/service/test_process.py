@@ -37,6 +37,11 @@ def test_invalid_settings_stop_start_up(model_repo: Path) -> None:
     assert choices.returncode == 2
     assert "BRANCHY_RUNTIME" in choices.stderr and "onnxruntime, openvino" in choices.stderr
     assert "BRANCHY_PRECISION" in choices.stderr and "fp32, bf16" in choices.stderr
+    waits = _run_main({"BRANCHY_MODEL_REPOSITORY": str(model_repo), "BRANCHY_KEEP_ALIVE_S": "0",
+                       "BRANCHY_ADAPTIVE_BATCH_DELAY": "sometimes"})  # fmt: skip
+    assert waits.returncode == 2
+    assert "BRANCHY_KEEP_ALIVE_S" in waits.stderr
+    assert "BRANCHY_ADAPTIVE_BATCH_DELAY" in waits.stderr
     missing = _run_main({"BRANCHY_MODEL_REPOSITORY": "/no/such/folder"})
     assert missing.returncode == 2 and "not a directory" in missing.stderr
 
