@@ -167,6 +167,9 @@ def test_stalled_uploads_are_cut_off_at_the_request_timeout(
             sock.close()
 
 
+_TIMER_SLACK_MS = 1.5
+
+
 def test_an_idle_model_does_not_wait_out_a_long_batch_delay(
     start_server: Callable[..., ServerProcess],
 ) -> None:
@@ -192,7 +195,9 @@ def test_an_idle_model_does_not_wait_out_a_long_batch_delay(
             assert took < 1.5 and wait_ms < 1000, (took, wait_ms)
         else:
             assert limit == 3.0
-            assert wait_ms >= 3000 and took >= 3.0, (took, wait_ms)
+            # uvloop's timers count whole milliseconds of a cached clock and may fire up to
+            # 1 ms early (CI once measured 2999.77 ms), so the full delay is 3 s less that
+            assert wait_ms >= 3000 - _TIMER_SLACK_MS and took >= 2.998, (took, wait_ms)
         server.stop()
 
 
