@@ -247,9 +247,10 @@ def _get(url: str, path: str) -> Any:
         conn.close()
 
 
-def batch_totals(url: str) -> dict[str, tuple[float, float]]:
-    """Per served model: (images, batches) the server has run so far, from its
-    ``branchy_batch_size`` histogram."""
+def batch_totals(url: str) -> dict[str, tuple[float, float, float]]:
+    """Per served model: (images, batches, seconds of inference) the server has run so
+    far, from its ``branchy_batch_size`` and ``branchy_inference_duration_seconds``
+    histograms."""
     host, port = url.removeprefix("http://").split(":")
     conn = http.client.HTTPConnection(host, int(port), timeout=30)
     try:
@@ -257,17 +258,19 @@ def batch_totals(url: str) -> dict[str, tuple[float, float]]:
         text = conn.getresponse().read().decode()
     finally:
         conn.close()
-    out: dict[str, tuple[float, float]] = {}
+    out: dict[str, list[float]] = {}
+    slot = {
+        "branchy_batch_size_sum": 0,
+        "branchy_batch_size_count": 1,
+        "branchy_inference_duration_seconds_sum": 2,
+    }
     for family in text_string_to_metric_families(text):
-        if family.name != "branchy_batch_size":
-            continue
         for sample in family.samples:
-            images, batches = out.get(sample.labels["model"], (0.0, 0.0))
-            if sample.name.endswith("_sum"):
-                out[sample.labels["model"]] = (images + sample.value, batches)
-            elif sample.name.endswith("_count"):
-                out[sample.labels["model"]] = (images, batches + sample.value)
-    return out
+            if sample.name in slot:
+                out.setdefault(sample.labels["model"], [0.0, 0.0, 0.0])[slot[sample.name]] += (
+                    sample.value
+                )
+    return {model: (v[0], v[1], v[2]) for model, v in out.items()}
 
 
 def in_process(
@@ -314,7 +317,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     # per cell: server CPU s (its process tree), client CPU s, wall s, summed over rounds
     cores: dict[tuple[str, int, int], list[float]] = {}
     bound: dict[str, list[tuple[int, float]]] = {"plain": [], "branchy": []}
-    # per branchy-serve cell: images and batches its model ran during the cell
+    # per branchy-serve cell: images, batches and inference seconds its model ran
+    # during the cell
     batched: dict[tuple[str, int, int], list[float]] = {}
     # in-process at the batch sizes the server formed: {(role, batch): [(images, s)]}
     at_batch: dict[tuple[str, int], list[tuple[int, float]]] = {}
@@ -370,7 +374,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                         if rnd == 0:
                             closed_loop(url, names[role], bodies[n], seconds=args.warmup, **load)
                         ours = system.startswith("branchy-serve")
-                        b0 = batch_totals(url).get(names[role], (0.0, 0.0)) if ours else None
+                        b0 = batch_totals(url).get(names[role], (0.0,) * 3) if ours else None
                         s0, c0 = tree_cpu_seconds(pid), client_cpu_s()
                         cell = closed_loop(url, names[role], bodies[n], seconds=slice_s, **load)
                         key = (system + ":" + role, n, c)
@@ -380,10 +384,10 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                         spent[1] += client_cpu_s() - c0
                         spent[2] += cell[1]
                         if b0 is not None:
-                            b1 = batch_totals(url).get(names[role], (0.0, 0.0))
-                            ran = batched.setdefault(key, [0.0, 0.0])
-                            ran[0] += b1[0] - b0[0]
-                            ran[1] += b1[1] - b0[1]
+                            b1 = batch_totals(url).get(names[role], (0.0,) * 3)
+                            ran = batched.setdefault(key, [0.0, 0.0, 0.0])
+                            for k in range(3):
+                                ran[k] += b1[k] - b0[k]
             quiet.only(None)
             for role, engine in engines.items():
                 bound[role].append(
@@ -477,8 +481,11 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         server_s, client_s, wall_s = cores[(who, n, c)]
         row["server_cores"] = server_s / wall_s
         row["client_cores"] = client_s / wall_s
-        ran_images, ran_batches = batched.get((who, n, c), [0.0, 0.0])
+        ran_images, ran_batches, ran_s = batched.get((who, n, c), [0.0, 0.0, 0.0])
         row["mean_batch"] = ran_images / ran_batches if ran_batches > 0 else None
+        # share of the cell's wall time the batch thread computed (the rest it idled:
+        # waiting for images, or for the event loop to hand it the next batch)
+        row["engine_busy"] = ran_s / wall_s if ran_batches > 0 else None
         report["served"].append(
             {
                 "system": system,
@@ -624,27 +631,28 @@ def table(report: dict[str, Any]) -> str:
         + f"; LitServe: {report['litserve']}",
         "",
         "| system | model | img/req | c | img/s | p50 ms | p99 ms | errors | server cores "
-        "| client cores | mean batch |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| client cores | mean batch | engine busy |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["served"]:
         batch = "-" if r.get("mean_batch") is None else f"{r['mean_batch']:.1f}"
+        busy = "-" if r.get("engine_busy") is None else f"{r['engine_busy']:.0%}"
         lines.append(
             f"| {r['system']} | {r['model']} | {r['images_per_request']} | {r['concurrency']} | "
             f"{r['images_per_s']:.0f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['errors']} | "
-            f"{r['server_cores']:.2f} | {r['client_cores']:.2f} | {batch} |"
+            f"{r['server_cores']:.2f} | {r['client_cores']:.2f} | {batch} | {busy} |"
         )
     for role, r in report["in_process"].items():
         lines.append(
             f"| in-process (batch {report['settings']['max_batch_size']}) | "
             f"{report['models'][role]['name']} | - | - | {r['images_per_s']:.0f} | - | - | - | 1 "
-            "thread | - | - |"
+            "thread | - | - | - |"
         )
     for role, by_size in report["in_process_at_batch"].items():
         for b, rate in by_size.items():
             lines.append(
                 f"| in-process (batch {b}) | {report['models'][role]['name']} | - | - | "
-                f"{rate:.0f} | - | - | - | 1 thread | - | {b} |"
+                f"{rate:.0f} | - | - | - | 1 thread | - | {b} | - |"
             )
     lines += [
         "",
