@@ -424,6 +424,14 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                 )
     finally:
         quiet.resume_all()  # a stopped process would not see SIGTERM
+        for label, proc in [("branchy-serve", server), *others.items()]:
+            if not proc.alive():  # died during the run: say so before its log is removed
+                logger.error(
+                    "%s exited with %s during the run; its log ends:\n%s",
+                    label,
+                    proc.proc.returncode,
+                    proc.log_tail(),
+                )
         server.stop()
         for other in others.values():
             other.stop()
@@ -478,6 +486,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     for (who, n, c), parts in served.items():
         system, _, role = who.rpartition(":")
         row = summarise_rounds(parts, cks[role].model.num_exits)
+        row["round_images_per_s"] = [cell.images / secs for cell, secs in parts]
         server_s, client_s, wall_s = cores[(who, n, c)]
         row["server_cores"] = server_s / wall_s
         row["client_cores"] = client_s / wall_s
@@ -505,6 +514,12 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             "images_per_request": r["images_per_request"],
             "concurrency": r["concurrency"],
             "over_default": r["images_per_s"] / base["images_per_s"],
+            # round by round (both servers ran in each round, one after the other): the
+            # spread says how much of the ratio is noise
+            "over_default_by_round": [
+                v / d if d > 0 else None
+                for v, d in zip(r["round_images_per_s"], base["round_images_per_s"], strict=True)
+            ],
         }
         for r in report["served"]
         if r["system"].startswith("branchy-serve[")
@@ -684,7 +699,10 @@ def table(report: dict[str, Any]) -> str:
     for v in report["variant_ratios"]:
         lines.append(
             f"- {v['system']}, {v['role']}, {v['images_per_request']} img/req, "
-            f"c={v['concurrency']}: {v['over_default']:.2f}x the default server's img/s"
+            f"c={v['concurrency']}: {v['over_default']:.2f}x the default server's img/s "
+            "(by round: "
+            + ", ".join("-" if x is None else f"{x:.2f}" for x in v["over_default_by_round"])
+            + ")"
         )
     lines += ["", "Goals (issue 17):", ""]
     for g in report["goals"]:

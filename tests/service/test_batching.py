@@ -463,3 +463,36 @@ def test_a_batch_whose_answers_fail_to_build_fails_alone(model_repo: Path) -> No
     failed, answered = asyncio.run(scenario())
     assert all(isinstance(f, service.batcher.InternalError) for f in failed), failed
     assert [a.batch_size for a in answered] == [4] * 4 and offers == [4, 4]
+
+
+def test_due_batches_run_back_to_back_while_the_event_loop_is_busy(model_repo: Path) -> None:
+    """Once a batch is running, every batch already due after it (here: full) starts in
+    the worker thread without a trip through the event loop, so an event loop busy
+    answering requests does not idle the engine; each batch's answers still arrive."""
+    engine = Engine(load_checkpoint(model_repo / "b-alexnet"), torch.device("cpu"))
+    started: list[float] = []
+    run = engine.run
+
+    def timed_run(*args, **kwargs):  # the real engine, its start times recorded
+        started.append(time.monotonic())
+        return run(*args, **kwargs)
+
+    engine.run = timed_run  # type: ignore[method-assign]
+    pixels = pixel_inputs(random_pixels(CIFAR, 12, seed=8))
+
+    async def scenario() -> tuple[float, list[Classified]]:
+        batcher = Batcher("m", _Swappable(engine, (0.1, 0.2)), Metrics(), max_batch_size=4,
+                          max_delay_s=0.0, max_queue=64, early_release=False)  # fmt: skip
+        batcher.start()
+        futures = batcher.submit(pixels, deadline=time.monotonic() + 60)
+        while batcher.depth == 12:  # until the first batch is taken
+            await asyncio.sleep(0)
+        time.sleep(2.0)  # the event loop is busy (blocked) for 2 s
+        busy_until = time.monotonic()
+        answers = list(await asyncio.gather(*futures))
+        await batcher.stop()
+        return busy_until, answers
+
+    busy_until, answers = asyncio.run(scenario())
+    assert len(started) == 3 and all(t < busy_until for t in started), (started, busy_until)
+    assert [a.batch_size for a in answers] == [4] * 12

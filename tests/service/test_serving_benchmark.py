@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.service.conftest import ROOT
 
 
@@ -42,6 +44,8 @@ def test_serving_benchmark_smoke(tmp_path: Path) -> None:
     }
     assert report["variants"] == {"inline": {"BRANCHY_INLINE_DECODE_PIXELS": "4096"}}
     assert len(report["variant_ratios"]) == 4
+    for v in report["variant_ratios"]:  # one ratio per round: here one round, the same
+        assert v["over_default_by_round"] == [pytest.approx(v["over_default"])]
     for row in report["served"]:
         assert row["errors"] == 0 and row["requests"] > 0
         assert row["images"] == row["requests"] * row["images_per_request"]
