@@ -43,7 +43,10 @@ from testsupport.procstat import tree_pids  # noqa: E402
 # (step, substrings of a frame that put a stack in it), first match from the leaf up wins
 STEPS: list[tuple[str, tuple[str, ...]]] = [
     ("batch thread: network (runtime)", ("models/runtimes.py", "models/engine.py")),
-    ("batch thread: answers (release, metrics)", ("Batcher._compute", "Batcher._run_group")),
+    (
+        "batcher: answers, taking batches (release, metrics)",
+        ("Batcher._compute", "Batcher._run_group", "Batcher._work", "Batcher._take"),
+    ),
     ("decode (Pillow, normalise)", ("decode_many", "_decode_inline", "service/preprocess.py")),
     ("multipart parsing", ("MultiPartParser", "formparsers", "multipart/", "parse_multipart")),
     ("response JSON (pydantic)", ("model_dump_json", "ClassifyResponse", "classify_body")),

@@ -432,7 +432,10 @@ class Batcher:
             # The worker thread runs this batch and every batch due after it; answers
             # reach the futures through _deliver, scheduled on this loop by the thread
             # before the executor's own completion.
-            await loop.run_in_executor(self._executor, self._work, batch, loop)
+            try:
+                await loop.run_in_executor(self._executor, self._work, batch, loop)
+            except Exception:  # the thread's own bookkeeping (a batch's failure stays its own)
+                logger.exception("the batch thread of model %r failed; it goes on", self.name)
 
     def _work(self, batch: list[_Item], loop: asyncio.AbstractEventLoop) -> None:
         """Run ``batch``, then each next batch for as long as one is due (full, or its
@@ -454,14 +457,16 @@ class Batcher:
                 loop.call_soon_threadsafe(self._deliver, answered.copy())
                 answered.clear()
 
-        while batch:
-            try:
-                answered.extend(self._compute(batch, loop, hand_over))
-            except Exception as exc:  # one bad batch must not stop the batcher
-                hand_over()
-                loop.call_soon_threadsafe(self._fail, batch, exc)
-            batch = self._take(loop) if self._due() else []
-        hand_over()
+        try:
+            while batch:
+                try:
+                    answered.extend(self._compute(batch, loop, hand_over))
+                except Exception as exc:  # one bad batch must not stop the batcher
+                    hand_over()
+                    loop.call_soon_threadsafe(self._fail, batch, exc)
+                batch = self._take(loop) if self._due() else []
+        finally:
+            hand_over()
 
     def _fail(self, batch: list[_Item], exc: Exception) -> None:
         # on the event loop
@@ -485,13 +490,14 @@ class Batcher:
     def _due(self) -> bool:
         """Whether a batch should start now, without waiting: the queue fills a batch,
         the oldest image has waited its limit, or the batcher is stopping."""
+        limit = self.wait_limit()  # also keeps its gauge current under full batches
         items = self._items
         if not items:
             return False
         return (
             len(items) >= self.max_batch_size
             or self._closing
-            or items[0].enqueued + self.wait_limit() <= time.monotonic()
+            or items[0].enqueued + limit <= time.monotonic()
         )
 
     @staticmethod

@@ -496,3 +496,35 @@ def test_due_batches_run_back_to_back_while_the_event_loop_is_busy(model_repo: P
     busy_until, answers = asyncio.run(scenario())
     assert len(started) == 3 and all(t < busy_until for t in started), (started, busy_until)
     assert [a.batch_size for a in answers] == [4] * 12
+
+
+def test_a_failure_between_batches_loses_no_answer_and_the_batcher_goes_on(
+    model_repo: Path,
+) -> None:
+    """If the batch thread's own bookkeeping fails after a batch (here: deciding whether
+    the next batch is due), that batch's answers still arrive and later requests are
+    served."""
+    engine = Engine(load_checkpoint(model_repo / "b-alexnet"), torch.device("cpu"))
+
+    class Flaky(Batcher):
+        broke = False
+
+        def _due(self) -> bool:
+            if not self.broke:
+                self.broke = True
+                raise RuntimeError("bookkeeping broke")
+            return super()._due()
+
+    pixels = pixel_inputs(random_pixels(CIFAR, 8, seed=9))
+
+    async def scenario() -> tuple[list[Classified], list[Classified]]:
+        batcher = Flaky("m", _Swappable(engine, (0.1, 0.2)), Metrics(), max_batch_size=4,
+                        max_delay_s=0.0, max_queue=64, early_release=False)  # fmt: skip
+        batcher.start()
+        first = await asyncio.gather(*batcher.submit(pixels[:4], deadline=time.monotonic() + 30))
+        later = await asyncio.gather(*batcher.submit(pixels[4:], deadline=time.monotonic() + 30))
+        await batcher.stop()
+        return list(first), list(later)
+
+    first, later = asyncio.run(scenario())
+    assert [a.batch_size for a in first + later] == [4] * 8
