@@ -37,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.load import SpawnedServer, closed_loop, multipart, summarise, test_images  # noqa: E402
 from benchmarks.runtimes import cpu_info  # noqa: E402
+from benchmarks.serving import batch_totals  # noqa: E402
 from models import load_checkpoint  # noqa: E402
 from testsupport.procstat import tree_pids  # noqa: E402
 
@@ -102,20 +103,6 @@ def group(raw: str) -> tuple[int, dict[str, int]]:
     return total, dict(steps.most_common())
 
 
-def _metrics(url: str) -> dict[str, float]:
-    host, port = url.removeprefix("http://").split(":")
-    conn = http.client.HTTPConnection(host, int(port), timeout=10)
-    conn.request("GET", "/metrics")
-    text = conn.getresponse().read().decode()
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        for key in ("branchy_batch_size", "branchy_inference_duration_seconds"):
-            for end in ("_sum", "_count"):
-                if line.startswith(key + end + "{"):
-                    out[key + end] = out.get(key + end, 0.0) + float(line.rsplit(" ", 1)[1])
-    return out
-
-
 def main(args: argparse.Namespace) -> dict[str, Any]:
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     if not Path(spy).exists():
@@ -137,7 +124,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     try:
         server.wait_ready(300)
         closed_loop(server.url, name, bodies, concurrency=c, seconds=1.5, max_requests=10**7)
-        before = _metrics(server.url)
+        before = batch_totals(server.url).get(name, (0.0,) * 3)
         for k, pid in enumerate(tree_pids(server.proc.pid)):
             label = "main" if k == 0 else f"front end {k}"
             raw_path = spy_dir / f"{pid}.txt"
@@ -152,7 +139,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             server.url, name, bodies, concurrency=c, seconds=args.seconds, max_requests=10**7
         )
         errors = [record.communicate(timeout=60)[1] for _, _, record in records]
-        after = _metrics(server.url)
+        after = batch_totals(server.url).get(name, (0.0,) * 3)
         info = json.loads(_get(server.url, f"/v1/models/{name}"))
     finally:
         server.stop()
@@ -168,7 +155,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             "gil_ms_per_request": 1e3 * total / args.rate / max(1, load["requests"]),
             "steps": {k: v / total for k, v in steps.items()} if total else {},
         }
-    batches = after["branchy_batch_size_count"] - before["branchy_batch_size_count"]
+    ran_images, batches, inference_s = (a - b for a, b in zip(after, before, strict=True))
     report = {
         "command": "python " + " ".join([os.path.relpath(__file__, ROOT), *sys.argv[1:]]),
         "cpu": cpu_info(),
@@ -182,11 +169,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         "http_workers": args.http_workers,
         "load": {k: load[k] for k in ("images_per_s", "requests_per_s", "p50_ms", "p99_ms", "errors")},
         "processes": processes,
-        "mean_batch_size": (after["branchy_batch_size_sum"] - before["branchy_batch_size_sum"])
-        / max(1.0, batches),
-        "mean_inference_ms": 1e3
-        * (after["branchy_inference_duration_seconds_sum"]
-           - before["branchy_inference_duration_seconds_sum"]) / max(1.0, batches),
+        "mean_batch_size": ran_images / max(1.0, batches),
+        "mean_inference_ms": 1e3 * inference_s / max(1.0, batches),
     }  # fmt: skip
     args.out_dir.mkdir(parents=True, exist_ok=True)
     mode = "" if args.http_workers == 1 else f"-w{args.http_workers}"
