@@ -291,6 +291,25 @@ class _Item:
     wait_s: float = field(default=0.0)
 
 
+@dataclass(eq=False)
+class _Computed:
+    """Rows of a batch the network has answered, as the batch thread hands them to the
+    event loop; their :class:`Classified` answers are built by the thread when it has
+    time (``answers``), else by the loop (``Batcher._finish``). Every tensor is the
+    batch thread's own copy: the runtime may reuse its buffers."""
+
+    engine: Engine
+    x: Tensor  # the batch's network input (the shadow monitor samples rows of it)
+    batch: list[_Item]
+    per_sample: list[tuple[float, ...]]  # each image's thresholds, in batch order
+    rows: list[int]  # positions in the batch, in the order of the tensors below
+    exits: list[int]
+    probabilities: Tensor  # (len(rows), C)
+    entropy: Tensor  # (len(rows),)
+    elapsed: float  # seconds from the network's start to these rows' answers
+    answers: list[tuple[_Item, Classified]] | None = None  # built already
+
+
 def _batch_input(engine: Engine, batch: Sequence[_Item]) -> Tensor:
     """The batch's network input: its images stacked, uint8 pixels normalised (all at
     once when every image came as pixels, the serving path's case)."""
@@ -430,7 +449,7 @@ class Batcher:
             if batch is None:
                 return
             # The worker thread runs this batch and every batch due after it; answers
-            # reach the futures through _deliver, scheduled on this loop by the thread
+            # reach the futures through _finish, scheduled on this loop by the thread
             # before the executor's own completion.
             try:
                 await loop.run_in_executor(self._executor, self._work, batch, loop)
@@ -448,19 +467,24 @@ class Batcher:
         ``benchmarks/serving.py``'s engine-busy column). For the same reason a batch's
         answers go to the loop only once the next batch's input is ready, just before
         the network runs (and releases the GIL): the loop's answering then overlaps the
-        network instead of delaying it.
+        network instead of delaying it. When batches fill (or a full batch waits), the
+        engine is the bottleneck, and the answers themselves (an object and
+        two histogram observations per image, about 0.7 ms for 64 images) are built on
+        the loop too (:meth:`_finish`), so that this thread does little but run
+        networks; otherwise this thread builds them, and the loop, which every
+        request's round trip goes through, only hands them out.
         """
-        answered: list[tuple[_Item, Classified]] = []  # the previous batch's, not yet sent
+        computed: list[_Computed] = []  # the previous batch's, not yet handed over
 
         def hand_over() -> None:
-            if answered:
-                loop.call_soon_threadsafe(self._deliver, answered.copy())
-                answered.clear()
+            if computed:
+                loop.call_soon_threadsafe(self._finish, computed.copy())
+                computed.clear()
 
         try:
             while batch:
                 try:
-                    answered.extend(self._compute(batch, loop, hand_over))
+                    computed.extend(self._compute(batch, loop, hand_over))
                 except Exception as exc:  # one bad batch must not stop the batcher
                     hand_over()
                     loop.call_soon_threadsafe(self._fail, batch, exc)
@@ -500,12 +524,19 @@ class Batcher:
             or items[0].enqueued + limit <= time.monotonic()
         )
 
-    @staticmethod
-    def _deliver(answers: list[tuple[_Item, Classified]]) -> None:
-        # on the event loop
-        for item, out in answers:
-            if not item.future.done():
-                item.future.set_result(out)
+    def _finish(self, computed: list[_Computed]) -> None:
+        """On the event loop: the answers of rows the batch thread computed, built and
+        delivered. A failure to build them fails their batch's unanswered images (an
+        internal error), not the batcher."""
+        for done in computed:
+            try:
+                answers = done.answers if done.answers is not None else self._answers(done)
+            except Exception as exc:
+                self._fail(done.batch, exc)
+                continue
+            for item, out in answers:
+                if not item.future.done():
+                    item.future.set_result(out)
 
     def wait_limit(self) -> float:
         """How long the oldest queued image waits for its batch to fill (the engine is
@@ -585,21 +616,28 @@ class Batcher:
         batch: list[_Item],
         loop: asyncio.AbstractEventLoop,
         before_run: Callable[[], None],
-    ) -> list[tuple[_Item, Classified]]:
+    ) -> list[_Computed]:
         # Runs in the worker thread. Engine and thresholds are read once: the whole batch
         # sees one model and one threshold setting even while an admin changes them.
         # Images queued before a reload run on the engine they were decoded for, with the
         # thresholds in force then (in practice a batch has one group).
-        # With early release each exit's answers go back as soon as it is decided;
+        # With early release each exit's rows go to the loop as soon as it is decided;
         # without, the whole batch's are returned. before_run is called when a group's
         # input is ready, just before its network runs.
-        held: list[tuple[_Item, Classified]] = []
+        held: list[_Computed] = []
 
-        def deliver(answers: list[tuple[_Item, Classified]]) -> None:
+        full = self.max_batch_size
+
+        def deliver(done: _Computed) -> None:
+            if len(done.batch) < full and len(self._items) < full:
+                # The engine is not the bottleneck (this batch did not fill, and no full
+                # batch waits): the answers are built here, and the loop, which every
+                # request's round trip goes through, only hands them out.
+                done.answers = self._answers(done)
             if self.early_release:
-                loop.call_soon_threadsafe(self._deliver, answers)
+                loop.call_soon_threadsafe(self._finish, [done])
             else:
-                held.extend(answers)
+                held.append(done)
 
         engine, shared = self.source.snapshot()
         groups: dict[int, list[_Item]] = {}
@@ -616,7 +654,7 @@ class Batcher:
         engine: Engine,
         shared: tuple[float, ...],
         batch: list[_Item],
-        deliver: Callable[[list[tuple[_Item, Classified]]], None],
+        deliver: Callable[[_Computed], None],
         before_run: Callable[[], None],
     ) -> None:
         n, e = len(batch), engine.num_exits - 1
@@ -636,11 +674,11 @@ class Batcher:
                     answered[r] = True
                 if len(keep) < len(positions):
                     logits, entropy = logits[keep], entropy[keep]
-                probs = torch.softmax(logits.float(), dim=1).cpu()
                 deliver(
-                    self._answers(
+                    _Computed(
                         engine, x, batch, per_sample, fresh, [exit_index] * len(fresh),
-                        probs, entropy.float().cpu(), time.perf_counter() - start,
+                        torch.softmax(logits.float(), dim=1).cpu(),
+                        entropy.float().cpu().clone(), time.perf_counter() - start,
                     )
                 )  # fmt: skip
 
@@ -650,30 +688,21 @@ class Batcher:
             # not one per exit taken.
             out = engine.run(x, t)
             deliver(
-                self._answers(
+                _Computed(
                     engine, x, batch, per_sample, list(range(n)), out.exit_index.tolist(),
-                    out.probabilities, out.entropy, time.perf_counter() - start,
+                    out.probabilities, out.entropy.clone(), time.perf_counter() - start,
                 )
             )  # fmt: skip
         self.metrics.inference_duration.labels(self.name).observe(time.perf_counter() - start)
         self.metrics.batch_size.labels(self.name).observe(n)
 
-    def _answers(
-        self,
-        engine: Engine,
-        x: Tensor,
-        batch: list[_Item],
-        per_sample: list[tuple[float, ...]],
-        rows: list[int],
-        exits: list[int],
-        probs: Tensor,
-        entropy: Tensor,
-        elapsed: float,
-    ) -> list[tuple[_Item, Classified]]:
-        """The answers of the images ``rows`` of the batch (``probs`` and ``entropy`` in
-        the same order), with their metrics, offered to the shadow monitor. Tensors
-        become Python lists in one call each and metric children are resolved once per
-        exit, not per image."""
+    def _answers(self, done: _Computed) -> list[tuple[_Item, Classified]]:
+        """The answers of ``done``'s rows, with their metrics, offered to the shadow
+        monitor (on the event loop). Tensors become Python lists in one call each and
+        metric children are resolved once per exit, not per image."""
+        engine, x, batch, per_sample = done.engine, done.x, done.batch, done.per_sample
+        rows, exits, probs, entropy = done.rows, done.exits, done.probabilities, done.entropy
+        elapsed = done.elapsed
         m, name = self.metrics, self.name
         conf, cls = probs.max(dim=1)
         finite = (probs.isfinite().all(dim=1) & entropy.isfinite()).tolist()

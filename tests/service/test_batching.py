@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import struct
+import threading
 import time
 import zlib
 from collections.abc import Callable
@@ -432,10 +433,12 @@ def test_adaptive_batch_delay_setting_reaches_the_batcher(
     assert off.batcher_options()["adaptive_delay"] is False
 
 
-def test_a_batch_whose_answers_fail_to_build_fails_alone(model_repo: Path) -> None:
+@pytest.mark.parametrize("full", [True, False], ids=["full-on-loop", "partial-in-thread"])
+def test_a_batch_whose_answers_fail_to_build_fails_alone(model_repo: Path, full: bool) -> None:
     """An error while a computed batch is answered (here the shadow monitor's sampling)
     fails that batch's requests with an internal error (500 with an error id), and the
-    next batch is answered."""
+    next batch is answered: whether the answers are built on the event loop (full
+    batches) or in the batch thread (batches that did not fill)."""
     engine = Engine(load_checkpoint(model_repo / "b-alexnet"), torch.device("cpu"))
     source = _Swappable(engine, (0.1, 0.2))
     offers = []
@@ -449,13 +452,13 @@ def test_a_batch_whose_answers_fail_to_build_fails_alone(model_repo: Path) -> No
     pixels = pixel_inputs(random_pixels(CIFAR, 8, seed=7))
 
     async def scenario() -> tuple[list[BaseException | Classified], list[Classified]]:
-        batcher = Batcher("m", source, Metrics(), max_batch_size=4, max_delay_s=0.0,
-                          max_queue=64)  # fmt: skip
+        batcher = Batcher("m", source, Metrics(), max_batch_size=4 if full else 8,
+                          max_delay_s=0.0, max_queue=64)  # fmt: skip
         batcher.shadow = Sink()
         batcher.start()
         first = batcher.submit(pixels[:4], deadline=time.monotonic() + 30)
-        second = batcher.submit(pixels[4:], deadline=time.monotonic() + 30)
         failed = await asyncio.gather(*first, return_exceptions=True)
+        second = batcher.submit(pixels[4:], deadline=time.monotonic() + 30)
         answered = list(await asyncio.gather(*second))
         await batcher.stop()
         return failed, answered
@@ -463,6 +466,49 @@ def test_a_batch_whose_answers_fail_to_build_fails_alone(model_repo: Path) -> No
     failed, answered = asyncio.run(scenario())
     assert all(isinstance(f, service.batcher.InternalError) for f in failed), failed
     assert [a.batch_size for a in answered] == [4] * 4 and offers == [4, 4]
+
+
+@pytest.mark.parametrize("early_release", [True, False])
+def test_full_batches_are_answered_on_the_event_loop_and_the_same(
+    model_repo: Path, early_release: bool
+) -> None:
+    """When batches fill, the engine is the bottleneck and the batch thread leaves
+    building the answers to the event loop; when they do not, the thread builds them.
+    Either way every image gets the engine's answer for it, in its place."""
+    engine = Engine(load_checkpoint(model_repo / "b-alexnet"), torch.device("cpu"))
+    thresholds = (0.3, 0.6)
+    builders: list[str] = []
+
+    class Sink:  # sees every batch's answers where they are built
+        def offer(self, engine: Engine, x: torch.Tensor, answers: list) -> None:
+            builders.append(threading.current_thread().name)
+
+    pixels = pixel_inputs(random_pixels(CIFAR, 16, seed=11))
+    x = torch.stack([engine.checkpoint.input_spec.normalise(p) for p in pixels])
+    want = engine.run(x, torch.tensor([thresholds] * 16))
+
+    async def scenario(max_batch_size: int) -> list[Classified]:
+        batcher = Batcher("m", _Swappable(engine, thresholds), Metrics(),
+                          max_batch_size=max_batch_size, max_delay_s=0.0, max_queue=64,
+                          early_release=early_release)  # fmt: skip
+        batcher.shadow = Sink()
+        batcher.start()
+        answers = []
+        for k in range(0, 16, 4):  # one request at a time: batches of 4
+            futures = batcher.submit(pixels[k : k + 4], deadline=time.monotonic() + 30)
+            answers += await asyncio.gather(*futures)
+        await batcher.stop()
+        return answers
+
+    for max_batch_size, where in ((4, "MainThread"), (8, "batch-m")):
+        builders.clear()
+        answers = asyncio.run(scenario(max_batch_size))
+        assert builders and all(b.startswith(where) for b in builders), (max_batch_size, builders)
+        assert [a.exit_index for a in answers] == want.exit_index.tolist()
+        assert [a.class_index for a in answers] == want.probabilities.argmax(1).tolist()
+        got = torch.stack([a.probabilities for a in answers])
+        torch.testing.assert_close(got, want.probabilities, rtol=1e-5, atol=1e-6)
+        assert all(a.batch_size == 4 for a in answers)
 
 
 def test_due_batches_run_back_to_back_while_the_event_loop_is_busy(model_repo: Path) -> None:
