@@ -26,6 +26,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch-size", type=int, default=64, help="requests per batch")
     p.add_argument("--batch-timeout-ms", type=float, default=2.0)
     p.add_argument("--runtime", default="auto", help="as BRANCHY_RUNTIME")
+    p.add_argument("--precision", default="auto", help="as BRANCHY_PRECISION")
     p.add_argument("--torch-threads", type=int, default=1)
     return p
 
@@ -51,13 +52,18 @@ class PlainAPI(ls.LitAPI):
         )
         self.model_dir: Path = args.model_dir
         self.runtime: str = args.runtime
+        self.precision: str = args.precision
         self.threads: int = args.torch_threads
 
     def setup(self, device: str) -> None:
         torch.set_num_threads(self.threads)
         self.ckpt = load_checkpoint(self.model_dir)
         self.engine = Engine(
-            self.ckpt, torch.device("cpu"), runtime=self.runtime, threads=self.threads
+            self.ckpt,
+            torch.device("cpu"),
+            runtime=self.runtime,
+            precision=self.precision,
+            threads=self.threads,
         )
         self.none = torch.zeros((1, self.engine.num_exits - 1))
 

@@ -16,6 +16,11 @@ alike:
   the same client and requests. Skipped with a message when LitServe is not installed
   or does not start.
 
+``auto`` picks a runtime per process from load-time timings, and a close call can go
+either way; so the LitServe peer, and variant servers (``--variant``) when the server
+chose one runtime for both models, run the runtime and precision the server chose
+(a variant whose runtimes still differ is named in the log and the JSON).
+
 Only the server being measured runs: the others are stopped (SIGSTOP) meanwhile, and all
 of them during the in-process runs (an idle LitServe polls its workers).
 
@@ -176,7 +181,9 @@ def parse_variant(text: str) -> tuple[str, dict[str, str]]:
 class _LitServe:
     """``benchmarks/litserve_peer.py`` in its own process (it starts its own workers)."""
 
-    def __init__(self, plain: Path, args: argparse.Namespace, tmp: Path) -> None:
+    def __init__(
+        self, plain: Path, args: argparse.Namespace, tmp: Path, runtime: str, precision: str
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = tmp / "litserve.log"
@@ -188,7 +195,8 @@ class _LitServe:
             f"--port={self.port}",
             f"--max-batch-size={args.max_batch_size}",
             f"--batch-timeout-ms={args.max_batch_delay_ms}",
-            f"--runtime={args.runtime}",
+            f"--runtime={runtime}",
+            f"--precision={precision}",
             f"--torch-threads={args.torch_threads}",
         ]
         env = {k: v for k, v in os.environ.items() if not k.startswith("BRANCHY_")}
@@ -298,21 +306,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="branchy-serving-"))
     server = _Repo([args.plain_dir, args.branchy_dir], args, tmp / "main")
     variants = [parse_variant(v) for v in args.variant]
-    others = {
-        name: _Repo([args.plain_dir, args.branchy_dir], args, tmp / f"v{i}", env, name)
-        for i, (name, env) in enumerate(variants)
-    }
+    others: dict[str, _Repo] = {}
     peer: _LitServe | None = None
     litserve_note: str | None = None
-    if args.litserve == "off":
-        litserve_note = "skipped: --litserve off"
-    else:
-        try:
-            import litserve  # noqa: F401
-        except ImportError:
-            litserve_note = "skipped: LitServe is not installed (pip install -e '.[bench]')"
-        else:
-            peer = _LitServe(args.plain_dir, args, tmp)
     served: dict[tuple[str, int, int], list[tuple[Cell, float]]] = {}
     # per cell: server CPU s (its process tree), client CPU s, wall s, summed over rounds
     cores: dict[tuple[str, int, int], list[float]] = {}
@@ -323,11 +319,50 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     # in-process at the batch sizes the server formed: {(role, batch): [(images, s)]}
     at_batch: dict[tuple[str, int], list[tuple[int, float]]] = {}
     info: dict[str, Any] = {}
+    variant_runtimes: dict[str, dict[str, Any]] = {}  # what each variant server runs
     quiet = _OneAtATime([])
     try:
         server.wait_ready(args.ready_timeout)
-        for other in others.values():
+        for role in cks:
+            info[role] = _get(server.url, f"/v1/models/{names[role]}")
+        # Everything else runs the runtime the server chose: `auto` decides per process
+        # from load-time timings, and a close call can go either way.
+        chosen = {(info[r].get("runtime"), info[r].get("precision")) for r in cks}
+        pin = {}
+        if args.runtime == "auto" and len(chosen) == 1:
+            runtime, precision = chosen.pop()
+            pin = {"BRANCHY_RUNTIME": str(runtime), "BRANCHY_PRECISION": str(precision)}
+        for i, (name, env) in enumerate(variants):
+            others[name] = _Repo(
+                [args.plain_dir, args.branchy_dir], args, tmp / f"v{i}", {**pin, **env}, name
+            )
+        if args.litserve == "off":
+            litserve_note = "skipped: --litserve off"
+        else:
+            try:
+                import litserve  # noqa: F401
+            except ImportError:
+                litserve_note = "skipped: LitServe is not installed (pip install -e '.[bench]')"
+            else:
+                plain = info["plain"]
+                runtime, precision = str(plain["runtime"]), str(plain["precision"])
+                peer = _LitServe(args.plain_dir, args, tmp, runtime, precision)
+                litserve_note = f"measured, {names['plain']} on {runtime} {precision}"
+        for name, other in others.items():
             other.wait_ready(args.ready_timeout)
+            for role in cks:
+                got = _get(other.url, f"/v1/models/{names[role]}")
+                variant_runtimes.setdefault(name, {})[role] = got.get("runtime")
+                if (got.get("runtime"), got.get("precision")) != (
+                    info[role].get("runtime"),
+                    info[role].get("precision"),
+                ):
+                    logger.warning(
+                        "variant %s runs %s on %s %s, the default server on %s %s: "
+                        "its ratios compare runtimes too",
+                        name, names[role], got.get("runtime"), got.get("precision"),
+                        info[role].get("runtime"), info[role].get("precision"),
+                    )  # fmt: skip
         if peer is not None:
             try:
                 peer.wait_ready(args.ready_timeout)
@@ -338,7 +373,6 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         engines: dict[str, Engine] = {}
         thresholds: dict[str, list[float]] = {}
         for role, ck in cks.items():
-            info[role] = _get(server.url, f"/v1/models/{names[role]}")
             runtime = str(info[role].get("runtime", args.runtime))
             engines[role] = Engine(
                 ck, torch.device("cpu"), runtime=runtime, threads=args.torch_threads
@@ -471,8 +505,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                 "warmup",
             )
         },
-        "litserve": litserve_note or "measured",
+        "litserve": litserve_note,
         "variants": {name: env for name, env in variants},
+        "variant_runtimes": variant_runtimes,
         "in_process": {},
         "in_process_at_batch": {"plain": {}, "branchy": {}},
         "served": [],
@@ -581,6 +616,7 @@ def ratios(report: dict[str, Any]) -> list[dict[str, Any]]:
                 "plain_served_over_in_process_at_served_batch": None,
                 "branchy_served_over_in_process_at_served_batch": None,
                 "plain_over_litserve": None,
+                "plain_over_litserve_by_round": None,
                 "branchy_over_litserve": None,
             }
             small = {
@@ -602,6 +638,13 @@ def ratios(report: dict[str, Any]) -> list[dict[str, Any]]:
                 )
             if peer is not None and peer["images_per_s"] > 0:
                 x["plain_over_litserve"] = plain["images_per_s"] / peer["images_per_s"]
+                # round by round (LitServe ran right after the server in each round)
+                x["plain_over_litserve_by_round"] = [
+                    v / d if d > 0 else None
+                    for v, d in zip(
+                        plain["round_images_per_s"], peer["round_images_per_s"], strict=True
+                    )
+                ]
                 x["branchy_over_litserve"] = branchy["images_per_s"] / peer["images_per_s"]
             out.append(x)
     return out
@@ -696,6 +739,15 @@ def table(report: dict[str, Any]) -> str:
             f"{x['in_process_gain']:.2f}x | {pct(x['gain_ratio'])} | "
             f"{'-' if peer is None else f'{peer:.2f}x'} | {at_served} |"
         )
+    for x in report["ratios"]:
+        if x["plain_over_litserve_by_round"] is not None:
+            lines.append(
+                f"- plain served / LitServe, {x['images_per_request']} img/req, "
+                f"c={x['concurrency']}, by round: "
+                + ", ".join(
+                    "-" if v is None else f"{v:.2f}" for v in x["plain_over_litserve_by_round"]
+                )
+            )
     for v in report["variant_ratios"]:
         lines.append(
             f"- {v['system']}, {v['role']}, {v['images_per_request']} img/req, "
