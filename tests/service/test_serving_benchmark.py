@@ -43,6 +43,7 @@ def test_serving_benchmark_smoke(tmp_path: Path) -> None:
         for n in (1, 4)
     }
     assert report["variants"] == {"inline": {"BRANCHY_INLINE_DECODE_PIXELS": "4096"}}
+    assert report["variant_runtimes"] == {"inline": {"plain": "torch", "branchy": "torch"}}
     assert len(report["variant_ratios"]) == 4
     for v in report["variant_ratios"]:  # one ratio per round: here one round, the same
         assert v["over_default_by_round"] == [pytest.approx(v["over_default"])]
@@ -69,6 +70,7 @@ def test_serving_benchmark_smoke(tmp_path: Path) -> None:
     for x in report["ratios"]:
         assert x["gain_ratio"] == x["served_gain"] / x["in_process_gain"]
         assert x["plain_over_litserve"] is None  # not measured, never made up
+        assert x["plain_over_litserve_by_round"] is None
         plain, branchy = (
             next(r for r in report["served"] if r["system"] == "branchy-serve" and r["role"] == role
                  and (r["images_per_request"], r["concurrency"]) == (x["images_per_request"], 2))
@@ -163,3 +165,25 @@ def test_profile_steps_name_the_front_end_and_the_engine_link() -> None:
         "decode (Pillow, normalise)": 3,
         "engine link (frames, pickling, answers)": 1,
     }
+
+
+def test_batch_glue_benchmark_smoke(tmp_path: Path) -> None:
+    """``benchmarks/batch_glue.py`` times every piece of a batch and writes its report
+    (a few timings on the LeNet checkpoint: nothing about speed is asserted)."""
+    out = tmp_path / "glue.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "batch_glue.py"),
+         "--model-dir", str(ROOT / "zoo" / "b-lenet"), "--runtime", "torch", "--batch", "8",
+         "--images-per-request", "3", "--repeats", "2", "--rounds", "2", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert out.with_suffix(".md").read_text().strip() in proc.stdout
+    assert report["runtime"] == "torch fp32" and report["batch"] == 8
+    pieces = {r["piece"]: r for r in report["rows"]}
+    assert "network and exit decisions (Engine.run)" in pieces
+    assert "answers (Batcher._answers)" in pieces
+    for row in report["rows"]:
+        assert len(row["ms_per_batch_by_round"]) == 2
+        assert row["ms_per_batch"] > 0 and row["share_of_network"] > 0
