@@ -468,11 +468,14 @@ class Batcher:
         answers go to the loop only once the next batch's input is ready, just before
         the network runs (and releases the GIL): the loop's answering then overlaps the
         network instead of delaying it. When batches fill (or a full batch waits), the
-        engine is the bottleneck, and the answers themselves (an object and
-        two histogram observations per image, about 0.7 ms for 64 images) are built on
-        the loop too (:meth:`_finish`), so that this thread does little but run
-        networks; otherwise this thread builds them, and the loop, which every
-        request's round trip goes through, only hands them out.
+        engine is the bottleneck, and the answers themselves (an object and two
+        histogram observations per image: 0.3 ms for 64 images, about 1 % of AlexNet's
+        network, ``benchmarks/batch_glue.py``) are built on the loop too
+        (:meth:`_finish`), so that this thread does little but run networks: 16-image
+        requests served 1.00-1.10x faster in three A/Bs
+        (``reports/serving/answers-on-loop-ab/``), more than that 1 % alone. Otherwise
+        this thread builds them, and the loop, which every request's round trip goes
+        through, only hands them out.
         """
         computed: list[_Computed] = []  # the previous batch's, not yet handed over
 
