@@ -686,7 +686,12 @@ def table(report: dict[str, Any]) -> str:
         + "), load average "
         f"at the end {m['load_average_at_end'][0]:.1f}; runtimes "
         + ", ".join(f"{v['name']} {v['runtime']}" for v in report["models"].values())
-        + f"; LitServe: {report['litserve']}",
+        + f"; LitServe: {report['litserve']}"
+        + "".join(
+            f"; [{name}] runtimes "
+            + ", ".join(f"{report['models'][role]['name']} {rt}" for role, rt in by_role.items())
+            for name, by_role in report.get("variant_runtimes", {}).items()
+        ),
         "",
         "| system | model | img/req | c | img/s | p50 ms | p99 ms | errors | server cores "
         "| client cores | mean batch | engine busy |",
