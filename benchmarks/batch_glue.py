@@ -12,7 +12,9 @@ each):
 * batch thread: the batch's thresholds as a tensor, its input stacked and normalised
   (``_batch_input``), and the network with its exit decisions (``Engine.run``);
 * the answers (``Batcher._answers``: an answer object and two histogram observations
-  per image), built on the batch thread when no full batch waits, else on the loop.
+  per image), built on the batch thread when no full batch waits, else on the loop;
+* the whole batch as the batch thread serves it (``Batcher._compute``: thresholds,
+  input, network, early release of each exit's answers), against the network alone.
 
 ::
 
@@ -57,6 +59,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1, help="as BRANCHY_TORCH_THREADS")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--images-per-request", type=int, default=16)
+    p.add_argument(
+        "--early-release",
+        action="store_true",
+        help="as BRANCHY_EARLY_RELEASE=true (the server's default is off)",
+    )
     p.add_argument("--repeats", type=int, default=50, help="timings per piece and round")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--out", type=Path, default=ROOT / "reports" / "serving" / "batch-glue.json")
@@ -92,6 +99,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         max_batch_size=args.batch,
         max_delay_s=0.0,
         max_queue=args.batch,
+        early_release=args.early_release,
     )
     c, h, w = ckpt.input_spec.shape
     per_request, requests = args.images_per_request, -(-args.batch // args.images_per_request)
@@ -127,6 +135,12 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         ),
         "network and exit decisions (Engine.run)": ("batch thread", lambda: engine.run(x, t), 1),
         "answers (Batcher._answers)": ("batch thread or loop", answers, 1),
+        # everything above that the batch thread does, as the server does it (a batch
+        # that fills hands its answers to the loop, one that does not builds them; with
+        # early release once per exit taken)
+        "the whole batch as served (Batcher._compute)": (
+            "batch thread", lambda: batcher._compute(items, loop, lambda: None), 1,
+        ),
     }  # fmt: skip
     for _, fn, _ in pieces.values():  # warm-up
         fn()
@@ -134,7 +148,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     for _ in range(args.rounds):
         for name, (_, fn, times) in pieces.items():
             samples[name].append(_median_ms(fn, args.repeats) * times)
-    loop.close()
+    loop.close()  # never run: the answers handed to it are dropped with it
     network = statistics.median(samples["network and exit decisions (Engine.run)"])
     rows = [
         {
@@ -157,6 +171,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "model": args.model_dir.name,
         "runtime": f"{engine.runtime} {engine.precision}",
         "batch": args.batch,
+        "early_release": args.early_release,
         "images_per_request": per_request,
         "rounds": args.rounds,
         "repeats": args.repeats,

@@ -184,6 +184,8 @@ def test_batch_glue_benchmark_smoke(tmp_path: Path) -> None:
     pieces = {r["piece"]: r for r in report["rows"]}
     assert "network and exit decisions (Engine.run)" in pieces
     assert "answers (Batcher._answers)" in pieces
+    assert "the whole batch as served (Batcher._compute)" in pieces
+    assert report["early_release"] is False  # the server's default
     for row in report["rows"]:
         assert len(row["ms_per_batch_by_round"]) == 2
         assert row["ms_per_batch"] > 0 and row["share_of_network"] > 0
