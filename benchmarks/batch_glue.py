@@ -31,7 +31,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -45,7 +44,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.runtimes import cpu_info  # noqa: E402
+from benchmarks.runtimes import machine  # noqa: E402
 from models import load_checkpoint  # noqa: E402
 from service.batcher import Batcher, Engine, _batch_input, _Computed, _Item  # noqa: E402
 from service.metrics import Metrics  # noqa: E402
@@ -162,12 +161,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     ]
     return {
         "command": "python " + " ".join([os.path.relpath(__file__, ROOT), *sys.argv[1:]]),
-        "machine": {
-            "cpu": cpu_info(),
-            "cpus": os.cpu_count(),
-            "platform": platform.platform(),
-            "torch": torch.__version__,
-        },
+        "machine": machine(),
         "model": args.model_dir.name,
         "runtime": f"{engine.runtime} {engine.precision}",
         "batch": args.batch,

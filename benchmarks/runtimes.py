@@ -50,6 +50,7 @@ import argparse
 import datetime
 import importlib.metadata
 import json
+import os
 import platform
 import statistics
 import sys
@@ -139,6 +140,17 @@ def cpu_info(path: Path = Path("/proc/cpuinfo")) -> dict[str, Any]:
     return {
         "model": model or platform.processor() or platform.machine(),
         "flags": {f: f in (flags or set()) for f in CPU_FLAGS},
+    }
+
+
+def machine() -> dict[str, Any]:
+    """What a benchmark report says of the machine it ran on: the CPU (model and flags),
+    its core count, the platform and torch's version."""
+    return {
+        "cpu": cpu_info(),
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
     }
 
 

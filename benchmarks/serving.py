@@ -41,7 +41,6 @@ import http.client
 import json
 import logging
 import os
-import platform
 import resource
 import shutil
 import signal
@@ -65,7 +64,7 @@ from benchmarks.load import (  # noqa: E402
     summarise_rounds,
     test_images,
 )
-from benchmarks.runtimes import cpu_info  # noqa: E402
+from benchmarks.runtimes import machine  # noqa: E402
 from models import Checkpoint, load_checkpoint  # noqa: E402
 from service.batcher import Engine  # noqa: E402
 from service.preprocess import preprocess  # noqa: E402
@@ -475,13 +474,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
     report: dict[str, Any] = {
         "command": "python " + " ".join([os.path.relpath(__file__, ROOT), *sys.argv[1:]]),
-        "machine": {
-            "cpu": cpu_info(),
-            "cpus": os.cpu_count(),
-            "platform": platform.platform(),
-            "torch": torch.__version__,
-            "load_average_at_end": list(os.getloadavg()),
-        },
+        "machine": {**machine(), "load_average_at_end": list(os.getloadavg())},
         "models": {
             role: {
                 "name": names[role],
