@@ -14,7 +14,7 @@ from pydantic import ValidationError
 from models.devices import resolve_device
 from service import workers
 from service.app import create_app
-from service.repository import discover
+from service.repository import check_runtime_models, discover
 from service.settings import Settings
 
 logger = logging.getLogger("service")
@@ -43,9 +43,9 @@ def check_environment(settings: Settings) -> None:
     except ValueError as exc:
         _fail(f"  BRANCHY_DEVICE: {exc} (use BRANCHY_DEVICE=auto or cpu on this machine)")
     try:
-        discover(settings)
+        check_runtime_models(settings, discover(settings))
     except (ValueError, OSError) as exc:
-        _fail(f"  BRANCHY_MODEL_REPOSITORY / BRANCHY_MODELS: {exc}")
+        _fail(f"  BRANCHY_MODEL_REPOSITORY / BRANCHY_MODELS / BRANCHY_RUNTIME: {exc}")
 
 
 def _fail(line: str) -> None:

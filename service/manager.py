@@ -28,7 +28,13 @@ from models.devices import resolve_device
 from service.batcher import Engine
 from service.errors import Conflict, ModelNotFound, NotReady, ReloadFailed
 from service.metrics import Metrics
-from service.repository import ServedModel, discover, load_engine, public_load_error
+from service.repository import (
+    ServedModel,
+    check_runtime_models,
+    discover,
+    load_engine,
+    public_load_error,
+)
 from service.settings import Settings
 from service.state import (
     SavedThresholds,
@@ -121,6 +127,7 @@ class ModelManager:
             Model name -> checkpoint folder, to hand to :meth:`load_all`.
         """
         paths = discover(self.settings)
+        check_runtime_models(self.settings, paths)
         self.device = resolve_device(self.settings.device)
         self.expected.update(paths)
         for name in paths:

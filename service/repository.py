@@ -8,6 +8,7 @@ import itertools
 import logging
 import re
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,22 @@ def discover(settings: Settings) -> dict[str, Path]:
     return found
 
 
+def check_runtime_models(settings: Settings, served: Iterable[str]) -> None:
+    """Start-up check: every model ``BRANCHY_RUNTIME`` names is served (a typo would
+    otherwise leave that model on the default runtime, silently).
+
+    Raises:
+        ValueError: naming the models that are not served.
+    """
+    served = list(served)
+    unserved = [m for m in settings.runtime_models() if m not in served]
+    if unserved:
+        raise ValueError(
+            f"model(s) {unserved} named by BRANCHY_RUNTIME are not served (served: "
+            f"{', '.join(served) or 'nothing'})"
+        )
+
+
 def load_engine(path: Path, device: torch.device, settings: Settings) -> Engine:
     """Load a checkpoint onto ``device`` and warm it up (blocking; run it in a thread).
 
@@ -62,7 +79,7 @@ def load_engine(path: Path, device: torch.device, settings: Settings) -> Engine:
     start = time.perf_counter()
     checkpoint = load_checkpoint(path, device="cpu")
     checkpoint.model.exit_macs()  # counted (and cached) on the CPU in float32
-    engine = Engine(checkpoint, device, **settings.engine_options())
+    engine = Engine(checkpoint, device, **settings.engine_options(path.name))
     engine.warm_up(sorted({1, settings.max_batch_size})[: settings.warmup_batches])
     logger.info(
         "loaded %s (%s, %d exits) on %s, runtime %s %s, in %.2f s",

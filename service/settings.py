@@ -34,6 +34,40 @@ _BATCHER_OPTIONS = {
 }
 
 
+def _parse_runtimes(value: str) -> dict[str | None, str]:
+    """``BRANCHY_RUNTIME``: a runtime for every model (``openvino``), or comma-separated
+    ``model=runtime`` entries with at most one entry without a model, the runtime of the
+    models not named (``auto`` when there is none): ``alexnet=openvino,onnxruntime``.
+
+    Returns:
+        Model name (None: the default) -> runtime.
+
+    Raises:
+        ValueError: an unknown runtime, an empty entry or model name, a model or the
+            default given twice.
+    """
+    allowed = _CHOICES["runtime"]
+    runtimes: dict[str | None, str] = {}
+    for entry in value.split(","):
+        name, sep, runtime = entry.partition("=")
+        model: str | None = name.strip() if sep else None
+        runtime = (runtime if sep else name).strip().lower()
+        if model == "" or not runtime:
+            raise ValueError(
+                f"runtime entry {entry.strip()!r} is empty or names no model; expected "
+                "RUNTIME or MODEL=RUNTIME, comma-separated"
+            )
+        if runtime not in allowed:
+            raise ValueError(f"runtime must be one of {', '.join(allowed)}; got {runtime!r}")
+        if model in runtimes:
+            raise ValueError(
+                "runtime gives " + (f"model {model!r}" if model else "the default") + " twice"
+            )
+        runtimes[model] = runtime
+    runtimes.setdefault(None, "auto")
+    return runtimes
+
+
 class Settings(BaseSettings):
     """Everything an operator can set. Environment variable = ``BRANCHY_`` + upper-case name.
 
@@ -80,6 +114,11 @@ class Settings(BaseSettings):
             that agrees with the eager engine, measured at load; see
             ``models.load_engine``), ``torch``, ``onnxruntime`` or ``openvino``. On CUDA the
             eager engine serves. A missing or failing runtime falls back to torch, logged.
+            Per model: ``alexnet=openvino,b-alexnet=onnxruntime`` (comma-separated
+            ``model=runtime`` entries, plus at most one plain runtime for the models not
+            named, ``auto`` without one); each named model must be served. ``auto``
+            decides at every load, and two close runtimes can swap between restarts: a
+            model's entry keeps its runtime.
         precision: ``auto`` (fp32), ``fp32`` or ``bf16`` (OpenVINO on CPUs with native
             bf16; thresholds stay the fp32 calibration's).
         early_release: answer each image as soon as its exit is decided, without waiting
@@ -185,7 +224,16 @@ class Settings(BaseSettings):
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N; got {value!r}")
         return value
 
-    @field_validator("runtime", "precision")
+    @field_validator("runtime")
+    @classmethod
+    def _check_runtime(cls, value: str) -> str:
+        runtimes = _parse_runtimes(value)  # raises with what is wrong
+        return ",".join(
+            rt if name is None else f"{name}={rt}"
+            for name, rt in sorted(runtimes.items(), key=lambda kv: (kv[0] is not None, kv[0]))
+        )
+
+    @field_validator("precision")
     @classmethod
     def _check_choice(cls, value: str, info: ValidationInfo) -> str:
         value = value.strip().lower()
@@ -222,9 +270,21 @@ class Settings(BaseSettings):
             raise ValueError(f"model_repository {str(root)!r} is not a directory{where}")
         return self
 
-    def engine_options(self) -> dict[str, Any]:
-        """The keyword options of ``service.batcher.Engine`` these settings choose."""
-        return {option: getattr(self, name) for option, name in _ENGINE_OPTIONS.items()}
+    def runtime_for(self, model: str) -> str:
+        """The runtime ``runtime`` asks for ``model``: its own entry, else the default."""
+        runtimes = _parse_runtimes(self.runtime)
+        return runtimes.get(model, runtimes[None])
+
+    def runtime_models(self) -> list[str]:
+        """The models ``runtime`` names (each must be served)."""
+        return sorted(name for name in _parse_runtimes(self.runtime) if name is not None)
+
+    def engine_options(self, model: str) -> dict[str, Any]:
+        """The keyword options of ``service.batcher.Engine`` these settings choose for
+        ``model``."""
+        options = {option: getattr(self, name) for option, name in _ENGINE_OPTIONS.items()}
+        options["runtime"] = self.runtime_for(model)
+        return options
 
     def uvicorn_options(self) -> dict[str, Any]:
         """What every uvicorn server of the service runs with: the single process, the

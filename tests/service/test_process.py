@@ -44,6 +44,21 @@ def test_invalid_settings_stop_start_up(model_repo: Path) -> None:
     assert "BRANCHY_ADAPTIVE_BATCH_DELAY" in waits.stderr
     missing = _run_main({"BRANCHY_MODEL_REPOSITORY": "/no/such/folder"})
     assert missing.returncode == 2 and "not a directory" in missing.stderr
+    # per-model runtimes: an unknown runtime, a model given twice, a model not served
+    for value, says in (
+        ("b-lenet=tensorrt,openvino", "one of auto, torch, onnxruntime, openvino"),
+        ("b-lenet=torch,b-lenet=openvino", "model 'b-lenet' twice"),
+        ("b-lenet=torch,=openvino", "names no model"),
+        ("b-lenett=onnxruntime", "['b-lenett'] named by BRANCHY_RUNTIME are not served"),
+    ):
+        bad_runtime = _run_main({"BRANCHY_MODEL_REPOSITORY": str(model_repo),
+                                 "BRANCHY_RUNTIME": value})  # fmt: skip
+        assert bad_runtime.returncode == 2, value
+        assert "BRANCHY_RUNTIME" in bad_runtime.stderr and says in bad_runtime.stderr, (
+            value,
+            bad_runtime.stderr[-500:],
+        )
+        assert "Traceback" not in bad_runtime.stderr
 
 
 def test_sigterm_finishes_every_accepted_request(

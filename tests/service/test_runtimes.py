@@ -67,6 +67,21 @@ def test_http_answers_equal_the_engine_on_the_same_runtime(
     _served_equals_engine(server.base_url, model_repo, runtime)  # type: ignore[attr-defined]
 
 
+def test_each_model_serves_the_runtime_named_for_it(
+    start_server: Callable[..., object], model_repo: Path
+) -> None:
+    """``BRANCHY_RUNTIME=model=runtime,...,default``: a model named gets its runtime, the
+    others the default, and each answers like its engine on that runtime."""
+    server = start_server({"BRANCHY_RUNTIME": "b-lenet=onnxruntime, OpenVINO"})
+    base_url = server.base_url  # type: ignore[attr-defined]
+    runtimes = {
+        name: httpx.get(f"{base_url}/v1/models/{name}").json()["runtime"]
+        for name in ("b-lenet", "b-alexnet")
+    }
+    assert runtimes == {"b-lenet": "onnxruntime", "b-alexnet": "openvino"}
+    _served_equals_engine(base_url, model_repo, None)
+
+
 def test_auto_serves_an_agreeing_runtime_and_says_which(
     start_server: Callable[..., object], model_repo: Path
 ) -> None:
