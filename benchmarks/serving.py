@@ -17,9 +17,10 @@ alike:
   or does not start.
 
 ``auto`` picks a runtime per process from load-time timings, and a close call can go
-either way; so the LitServe peer, and variant servers (``--variant``) when the server
-chose one runtime for both models, run the runtime and precision the server chose
-(a variant whose runtimes still differ is named in the log and the JSON).
+either way; so the LitServe peer and variant servers (``--variant``) run the runtime and
+precision the server chose for each model (``BRANCHY_RUNTIME=model=runtime,...``; a
+variant whose runtimes still differ, e.g. one that sets its own, is named in the log and
+the JSON).
 
 Only the server being measured runs: the others are stopped (SIGSTOP) meanwhile, and all
 of them during the in-process runs (an idle LitServe polls its workers).
@@ -324,13 +325,12 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         server.wait_ready(args.ready_timeout)
         for role in cks:
             info[role] = _get(server.url, f"/v1/models/{names[role]}")
-        # Everything else runs the runtime the server chose: `auto` decides per process
-        # from load-time timings, and a close call can go either way.
-        chosen = {(info[r].get("runtime"), info[r].get("precision")) for r in cks}
-        pin = {}
-        if args.runtime == "auto" and len(chosen) == 1:
-            runtime, precision = chosen.pop()
-            pin = {"BRANCHY_RUNTIME": str(runtime), "BRANCHY_PRECISION": str(precision)}
+        # Everything else runs the runtime the server chose for each model: `auto`
+        # decides per process from load-time timings, and a close call can go either way.
+        pin = {"BRANCHY_RUNTIME": ",".join(f"{names[r]}={info[r].get('runtime')}" for r in cks)}
+        precisions = {info[r].get("precision") for r in cks}
+        if len(precisions) == 1:
+            pin["BRANCHY_PRECISION"] = str(precisions.pop())
         for i, (name, env) in enumerate(variants):
             others[name] = _Repo(
                 [args.plain_dir, args.branchy_dir], args, tmp / f"v{i}", {**pin, **env}, name
