@@ -701,8 +701,9 @@ class Batcher:
 
     def _answers(self, done: _Computed) -> list[tuple[_Item, Classified]]:
         """The answers of ``done``'s rows, with their metrics, offered to the shadow
-        monitor (on the event loop). Tensors become Python lists in one call each and
-        metric children are resolved once per exit, not per image."""
+        monitor (on the batch thread, or on the event loop when batches fill: see
+        :meth:`_work`). Tensors become Python lists in one call each and metric children
+        are resolved once per exit, not per image."""
         engine, x, batch, per_sample = done.engine, done.x, done.batch, done.per_sample
         rows, exits, probs, entropy = done.rows, done.exits, done.probabilities, done.entropy
         elapsed = done.elapsed

@@ -34,6 +34,19 @@ _BATCHER_OPTIONS = {
 }
 
 
+def _one_of(setting: str, value: str) -> str:
+    """``value`` normalised (stripped, lower case) if it is one of ``setting``'s choices.
+
+    Raises:
+        ValueError: naming the choices.
+    """
+    value = value.strip().lower()
+    allowed = _CHOICES[setting]
+    if value not in allowed:
+        raise ValueError(f"{setting} must be one of {', '.join(allowed)}; got {value!r}")
+    return value
+
+
 def _parse_runtimes(value: str) -> dict[str | None, str]:
     """``BRANCHY_RUNTIME``: a runtime for every model (``openvino``), or comma-separated
     ``model=runtime`` entries with at most one entry without a model, the runtime of the
@@ -46,19 +59,17 @@ def _parse_runtimes(value: str) -> dict[str | None, str]:
         ValueError: an unknown runtime, an empty entry or model name, a model or the
             default given twice.
     """
-    allowed = _CHOICES["runtime"]
     runtimes: dict[str | None, str] = {}
     for entry in value.split(","):
         name, sep, runtime = entry.partition("=")
         model: str | None = name.strip() if sep else None
-        runtime = (runtime if sep else name).strip().lower()
-        if model == "" or not runtime:
+        runtime = runtime if sep else name
+        if model == "" or not runtime.strip():
             raise ValueError(
                 f"runtime entry {entry.strip()!r} is empty or names no model; expected "
                 "RUNTIME or MODEL=RUNTIME, comma-separated"
             )
-        if runtime not in allowed:
-            raise ValueError(f"runtime must be one of {', '.join(allowed)}; got {runtime!r}")
+        runtime = _one_of("runtime", runtime)
         if model in runtimes:
             raise ValueError(
                 "runtime gives " + (f"model {model!r}" if model else "the default") + " twice"
@@ -236,13 +247,7 @@ class Settings(BaseSettings):
     @field_validator("precision")
     @classmethod
     def _check_choice(cls, value: str, info: ValidationInfo) -> str:
-        value = value.strip().lower()
-        allowed = _CHOICES[str(info.field_name)]
-        if value not in allowed:
-            raise ValueError(
-                f"{info.field_name} must be one of {', '.join(allowed)}; got {value!r}"
-            )
-        return value
+        return _one_of(str(info.field_name), value)
 
     @field_validator("log_level")
     @classmethod

@@ -150,8 +150,8 @@ class ShadowMonitor:
 
     def offer(self, engine: Engine, x: Tensor, answers: Sequence[tuple[int, Classified]]) -> None:
         """Sample a batch's answers, (row of the batch's input ``x``, answer) pairs
-        (called on the event loop as a batch's answers are built: cheap, never blocks;
-        only sampled rows are copied)."""
+        (called where a batch's answers are built, the batch thread or the event loop:
+        cheap, never blocks; only sampled rows are copied)."""
         if self.config.rate <= 0 or self._closing:
             return
         last = engine.num_exits - 1
